@@ -1,0 +1,105 @@
+"""Orbax checkpoints of the train state, with the config saved beside them.
+
+Why a wrapper: the trainer needs three policies that Orbax leaves to its caller: restore onto the
+*current* mesh (so a run saved on 8 devices continues on 4), fall back to the previous step when
+the newest one cannot be read (a torn or damaged write), and refuse a checkpoint of another model
+with one clear line instead of a tree-mismatch traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+_LOG = logging.getLogger(__name__)
+
+
+class IncompatibleCheckpointError(ValueError):
+    """The workdir holds a checkpoint that does not fit the configured model."""
+
+
+class Checkpointer:
+    """Async CheckpointManager over `workdir/checkpoints`, keeping the last `max_to_keep` steps."""
+
+    def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True):
+        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save,
+                cleanup_tmp_directories=True),
+            item_names=("state", "config"),
+        )
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def save(self, step: int, state: Any, config: ml_collections.ConfigDict) -> None:
+        self._manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            config=ocp.args.JsonSave(json.loads(config.to_json_best_effort()))))
+
+    def restore_latest(self, abstract_state: Any) -> tuple[int, Any] | None:
+        """Restore the newest readable step onto the shardings of `abstract_state`.
+
+        `abstract_state` is a pytree of `jax.ShapeDtypeStruct` with `.sharding` set: Orbax then
+        reads every array straight into the current device layout. A step that fails to read is
+        reported and skipped in favour of the one before it.
+        """
+        for step in reversed(self.all_steps()):
+            try:
+                restored = self._manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state)))
+            except (ValueError, KeyError, TypeError) as error:
+                if _is_structure_mismatch(error):
+                    raise IncompatibleCheckpointError(
+                        f"the checkpoint in {self.directory} (step {step}) does not match the "
+                        f"configured model; use a new --workdir or the config it was trained with"
+                    ) from error
+                _LOG.warning("checkpoint step %d is unreadable (%s); trying the previous one",
+                             step, _first_line(error))
+                continue
+            except Exception as error:  # noqa: BLE001 - any damaged file: fall back, say why
+                _LOG.warning("checkpoint step %d is unreadable (%s); trying the previous one",
+                             step, _first_line(error))
+                continue
+            return step, restored.state
+        return None
+
+    def restore_config(self, step: int) -> dict:
+        return self._manager.restore(step, args=ocp.args.Composite(
+            config=ocp.args.JsonRestore())).config
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _is_structure_mismatch(error: BaseException) -> bool:
+    text = str(error).lower()
+    return any(marker in text for marker in (
+        "tree structure", "shape", "does not match", "mismatch", "not found in", "missing"))
+
+
+def abstract_with_shardings(state: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs of `state` placed on `shardings` (the restore target)."""
+    return jax.tree.map(
+        lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+        state, shardings)

@@ -1,0 +1,57 @@
+"""Entry point: `python -m bam_jax.main --config=configs/vit_b.py --workdir=DIR`.
+
+Config files are Python that this command runs: only use config files you trust.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Path to a config file with get_config(); override fields with "
+    "--config.field=value.", lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Where checkpoints, metrics.jsonl and TensorBoard logs go; an existing run "
+    "there is resumed.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    del argv
+    import jax
+
+    from bam_jax import checkpoint, train
+
+    if _is_multi_process():
+        jax.distributed.initialize()
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    print(f"bam_jax: {jax.process_count()} process(es), {jax.device_count()} device(s) "
+          f"({jax.devices()[0].platform}); workdir {_WORKDIR.value}", flush=True)
+    try:
+        result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except (ValueError, checkpoint.IncompatibleCheckpointError, train.NonFiniteLossError,
+            FileNotFoundError, PermissionError, OSError) as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        print(f"bam_jax: error: {message}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    summary = {k: v for k, v in result.items() if k.startswith(("knn", "teacher_knn", "loss"))}
+    print("done: step " + str(result["step"]) + "  " +
+          "  ".join(f"{k} {v:.4f}" for k, v in sorted(summary.items())), flush=True)
+
+
+def _is_multi_process() -> bool:
+    """True under a multi-host launcher (TPU pod slice, SLURM, or explicit coordinator)."""
+    return any(os.environ.get(name) for name in (
+        "JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"))\
+        and os.environ.get("BAM_JAX_SINGLE_PROCESS") is None
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,483 @@
+"""BAM pretraining, top to bottom: mesh -> abstract state -> sharded init -> jitted step -> loop.
+
+Read this file from the top: every stage of a run is one function here, called in order by
+`train_and_evaluate`. The model is flax.nnx used functionally (split once, merge inside jit); the
+loss runs inside `jax.shard_map` so each device holds only its rows of the attention matrix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from clu import metric_writers
+from flax import nnx
+
+from bam_jax import checkpoint as checkpoint_lib
+from bam_jax import evaluate
+from bam_jax import input_pipeline
+from bam_jax import loss as loss_lib
+from bam_jax import models
+
+_LOG = logging.getLogger(__name__)
+
+# The batch is split over every mesh axis: 'fsdp' shards parameters *and* data, as in MaxText.
+BATCH_AXES = ("data", "fsdp")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a non-finite loss or gradient and the config says stop."""
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. The mesh.
+# ---------------------------------------------------------------------------------------------
+def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+    """One ('data', 'fsdp') mesh over all devices; `config.mesh.fsdp` devices share parameters."""
+    num_devices = jax.device_count()
+    fsdp = config.mesh.fsdp
+    if fsdp < 1 or num_devices % fsdp:
+        raise ValueError(f"config.mesh.fsdp={fsdp} must divide the {num_devices} devices; "
+                         f"set --config.mesh.fsdp to a divisor of {num_devices}")
+    return jax.make_mesh((num_devices // fsdp, fsdp), BATCH_AXES,
+                         axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Schedules (per step, as the official cosine_scheduler, written as functions of the step).
+# ---------------------------------------------------------------------------------------------
+def cosine_schedule(base: float, final: float, total_steps: int, warmup_steps: int = 0,
+                    warmup_start: float = 0.0) -> Callable[[jax.Array], jax.Array]:
+    """Linear warmup (inclusive linspace, as np.linspace) then half-cosine from base to final."""
+    cosine_steps = max(total_steps - warmup_steps, 1)
+
+    def schedule(step):
+        step = jnp.asarray(step, jnp.float32)
+        warm = warmup_start + (base - warmup_start) * step / max(warmup_steps - 1, 1)
+        progress = jnp.clip((step - warmup_steps) / cosine_steps, 0.0, 1.0)
+        cosine = final + 0.5 * (base - final) * (1.0 + jnp.cos(jnp.pi * progress))
+        return jnp.where(step < warmup_steps, warm, cosine)
+
+    return schedule
+
+
+def linear_then_constant(start: float, final: float, ramp_steps: int) -> Callable:
+    """The eps schedule: linear from `start` to `final` over `ramp_steps`, then constant."""
+
+    def schedule(step):
+        fraction = jnp.clip(jnp.asarray(step, jnp.float32) / max(ramp_steps - 1, 1), 0.0, 1.0)
+        return start + (final - start) * fraction
+
+    return schedule
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedules:
+    learning_rate: Callable
+    weight_decay: Callable
+    sinkhorn_reg: Callable
+    teacher_momentum: Callable
+
+
+def make_schedules(config: ml_collections.ConfigDict, steps_per_epoch: int,
+                   total_steps: int) -> Schedules:
+    opt = config.optimizer
+    # Linear scaling rule of the official code: lr = base_lr * global_batch / 256. The official
+    # min_lr is *not* scaled.
+    peak_lr = opt.base_lr * config.batch_size / 256
+    warmup = int(round(opt.warmup_epochs * steps_per_epoch))
+    return Schedules(
+        learning_rate=cosine_schedule(peak_lr, opt.min_lr, total_steps, min(warmup, total_steps)),
+        weight_decay=cosine_schedule(opt.weight_decay, opt.weight_decay_final, total_steps),
+        sinkhorn_reg=linear_then_constant(
+            config.loss.sinkhorn_reg, config.loss.sinkhorn_reg_final,
+            int(round(config.loss.sinkhorn_reg_ramp_epochs * steps_per_epoch))),
+        teacher_momentum=cosine_schedule(config.teacher.momentum, config.teacher.momentum_final,
+                                         total_steps),
+    )
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """Clip by global norm, then AdamW/SGD/LARS with lr and weight decay injected per step.
+
+    Weight decay is masked off biases and norm scales (every parameter with fewer than 2 dims),
+    as the official `get_params_groups`.
+    """
+    opt = config.optimizer
+
+    def decay_mask(params):
+        return jax.tree.map(lambda p: p.ndim > 1, params)
+
+    if opt.name == "adamw":
+        base = optax.inject_hyperparams(optax.adamw)(
+            learning_rate=0.0, weight_decay=0.0, b1=opt.b1, b2=opt.b2, mask=decay_mask)
+    elif opt.name == "sgd":
+        base = optax.inject_hyperparams(
+            lambda learning_rate, weight_decay: optax.chain(
+                optax.add_decayed_weights(weight_decay, mask=decay_mask),
+                optax.sgd(learning_rate, momentum=opt.momentum)))(
+            learning_rate=0.0, weight_decay=0.0)
+    elif opt.name == "lars":
+        base = optax.inject_hyperparams(optax.lars)(
+            learning_rate=0.0, weight_decay=0.0, momentum=opt.momentum,
+            weight_decay_mask=decay_mask, trust_ratio_mask=decay_mask)
+    else:
+        raise ValueError(f"config.optimizer.name={opt.name!r} is not one of adamw, sgd, lars")
+    chain = [base]
+    if opt.clip_grad > 0:
+        chain.insert(0, optax.clip_by_global_norm(opt.clip_grad))
+    return optax.chain(*chain)
+
+
+def _set_hyperparams(opt_state, learning_rate, weight_decay):
+    """Write this step's lr and weight decay into the injected-hyperparameter state."""
+    inject_state = opt_state[-1]
+    hyperparams = dict(inject_state.hyperparams, learning_rate=learning_rate,
+                       weight_decay=weight_decay)
+    return (*opt_state[:-1], inject_state._replace(hyperparams=hyperparams))
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. The train state and its sharded initialisation.
+# ---------------------------------------------------------------------------------------------
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: nnx.State  # nnx.Param leaves: what the optimizer updates
+    model_state: nnx.State  # everything else: batch stats, RNG counters, frozen tensors
+    opt_state: Any
+    teacher_params: nnx.State | None
+    teacher_model_state: nnx.State | None
+    nonfinite_steps: jax.Array  # steps skipped for a non-finite loss or gradient
+
+
+def model_factory(config: ml_collections.ConfigDict) -> Callable[[], models.BAMModel]:
+    def create():
+        return models.build_model(
+            config.model, num_channels=input_pipeline.num_channels(config.data),
+            image_size=config.data.global_crop_size,
+            rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1))
+
+    return create
+
+
+def init_state(create_model: Callable, optimizer: optax.GradientTransformation,
+               use_teacher: bool) -> TrainState:
+    model = create_model()
+    _, params, model_state = nnx.split(model, nnx.Param, ...)
+    # The teacher starts as a copy of the student (the official StudentTeacherWrapper).
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
+        opt_state=optimizer.init(params),
+        teacher_params=jax.tree.map(jnp.copy, params) if use_teacher else None,
+        teacher_model_state=jax.tree.map(jnp.copy, model_state) if use_teacher else None,
+        nonfinite_steps=jnp.zeros((), jnp.int32))
+
+
+def state_shardings(abstract_state: TrainState, mesh: jax.sharding.Mesh,
+                    fsdp_min_size: int) -> TrainState:
+    """Replicate small leaves; with an fsdp axis > 1, shard each large leaf's largest divisible
+    dimension over 'fsdp' (ZeRO-3 style; XLA all-gathers it where a matmul needs it)."""
+    fsdp = mesh.shape["fsdp"]
+
+    def leaf_sharding(leaf):
+        spec = [None] * leaf.ndim
+        if fsdp > 1 and leaf.size >= fsdp_min_size:
+            for dim in np.argsort(leaf.shape)[::-1]:
+                if leaf.shape[dim] % fsdp == 0:
+                    spec[dim] = "fsdp"
+                    break
+        return jax.NamedSharding(mesh, jax.P(*spec))
+
+    return jax.tree.map(leaf_sharding, abstract_state)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. The train step.
+# ---------------------------------------------------------------------------------------------
+def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
+                    optimizer: optax.GradientTransformation, schedules: Schedules,
+                    mesh: jax.sharding.Mesh) -> Callable:
+    loss_cfg = config.loss
+    num_global = config.data.global_crops_number
+
+    def forward(params, model_state, batch):
+        # copy=True: fresh variables in the current trace, which BatchNorm may then mutate.
+        model = nnx.merge(graphdef, params, model_state, copy=True)
+        z = model(batch["global_crops"], batch.get("local_crops"), deterministic=False)
+        return z, nnx.state(model, nnx.Not(nnx.Param))
+
+    def train_step(state: TrainState, batch: dict[str, jax.Array]):
+        step = state.step
+        eps = schedules.sinkhorn_reg(step)
+        lr = schedules.learning_rate(step)
+        wd = schedules.weight_decay(step)
+
+        z_teacher, teacher_params, teacher_model_state = None, None, None
+        if state.teacher_params is not None:
+            # As the official StudentTeacherWrapper: update the EMA first, then run the teacher
+            # (in train mode, on all views) without gradient.
+            momentum = schedules.teacher_momentum(step)
+            teacher_params = jax.tree.map(lambda t, s: momentum * t + (1.0 - momentum) * s,
+                                          state.teacher_params, state.params)
+            z_teacher, teacher_model_state = forward(teacher_params, state.teacher_model_state,
+                                                     batch)
+            z_teacher = jax.lax.stop_gradient(z_teacher)
+
+        def loss_fn(params, model_state):
+            z, model_state = forward(params, model_state, batch)
+            loss, metrics = loss_lib.sharded_bam_loss_and_metrics(
+                z, mesh=mesh, batch_axes=BATCH_AXES, z_teacher=z_teacher,
+                num_global_crops=num_global, num_target_crops=loss_cfg.num_target_crops,
+                sinkhorn_reg=eps, temperature=loss_cfg.temperature,
+                sinkhorn_iters=loss_cfg.sinkhorn_iters, top_k=loss_cfg.top_k,
+                positive_masking=loss_cfg.positive_masking)
+            return loss, (metrics, model_state)
+
+        (loss, (metrics, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, state.model_state)
+        opt_state = _set_hyperparams(state.opt_state, lr, wd)
+        updates, opt_state = optimizer.update(grads, opt_state, state.params)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        candidate = state.replace(
+            step=step + 1, params=optax.apply_updates(state.params, updates),
+            model_state=model_state, opt_state=opt_state, teacher_params=teacher_params,
+            teacher_model_state=teacher_model_state)
+        # A non-finite step never touches the state: parameters, optimizer moments and the
+        # teacher stay as they were, so no NaN can reach a checkpoint.
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), candidate, state)
+        new_state = new_state.replace(
+            step=step + 1,
+            nonfinite_steps=state.nonfinite_steps + jnp.where(finite, 0, 1))
+        metrics = dict(metrics, loss=loss, grad_norm=grad_norm, learning_rate=lr,
+                       weight_decay=wd, sinkhorn_reg=eps, finite=finite)
+        if state.teacher_params is not None:
+            metrics["teacher_momentum"] = momentum
+        return new_state, metrics
+
+    return train_step
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Logging: clu writers (TensorBoard), a console line, and metrics.jsonl.
+# ---------------------------------------------------------------------------------------------
+class MetricsLogger:
+    def __init__(self, workdir: str, total_steps: int, global_batch: int):
+        self._is_main = jax.process_index() == 0
+        self._writer = metric_writers.create_default_writer(
+            workdir, just_logging=not self._is_main, asynchronous=True)
+        self._jsonl_path = os.path.join(workdir, "metrics.jsonl")
+        self._total_steps = total_steps
+        self._global_batch = global_batch
+        self._last_time = time.perf_counter()
+        self._last_step: int | None = None
+
+    def train(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
+        now = time.perf_counter()
+        if self._last_step is not None and step > self._last_step:
+            seconds_per_step = (now - self._last_time) / (step - self._last_step)
+            metrics["images_per_second"] = self._global_batch / seconds_per_step
+            metrics["eta_seconds"] = seconds_per_step * (self._total_steps - step)
+        self._last_time, self._last_step = now, step
+        self.write(step, metrics)
+        if self._is_main:
+            line = (f"step {step}/{self._total_steps}  loss {metrics['loss']:.4f}  "
+                    f"lr {metrics['learning_rate']:.2e}  eps {metrics['sinkhorn_reg']:.3f}")
+            if "teacher_momentum" in metrics:
+                line += f"  m {metrics['teacher_momentum']:.4f}"
+            line += (f"  H(P) {metrics['target_entropy']:.2f}  H(A) {metrics['source_entropy']:.2f}"
+                     f"/{metrics['uniform_entropy']:.2f}  cos {metrics['mean_similarity']:.3f}"
+                     f"  bal {metrics['column_balance']:.2f}")
+            if "images_per_second" in metrics:
+                line += (f"  {metrics['images_per_second']:.1f} img/s"
+                         f"  ETA {_format_seconds(metrics['eta_seconds'])}")
+            print(line, flush=True)
+        return metrics
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        self._writer.write_scalars(step, metrics)
+        if self._is_main:
+            with open(self._jsonl_path, "a") as f:
+                f.write(json.dumps({"step": step, **metrics}) + "\n")
+
+    def close(self) -> None:
+        self._writer.flush()
+        self._writer.close()
+
+
+def _format_seconds(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. The loop.
+# ---------------------------------------------------------------------------------------------
+def steps_per_epoch(config: ml_collections.ConfigDict) -> int:
+    examples = input_pipeline.num_examples(config.data, config.data.train_split)
+    if examples < config.batch_size:
+        raise ValueError(f"batch_size={config.batch_size} exceeds the {examples} training "
+                         f"examples; lower --config.batch_size")
+    return examples // config.batch_size
+
+
+def total_train_steps(config: ml_collections.ConfigDict) -> int:
+    if config.num_train_steps > 0:
+        return config.num_train_steps
+    return int(math.ceil(config.num_epochs * steps_per_epoch(config)))
+
+
+class _Preemption:
+    """SIGTERM (a TPU VM preemption notice) asks the loop to checkpoint and stop."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (e.g. a notebook worker): no handler
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _check_finite(config, step: int, host_metrics: dict, nonfinite_steps: int,
+                  last_saved: int | None) -> None:
+    if nonfinite_steps and not config.skip_nonfinite_steps:
+        raise NonFiniteLossError(
+            f"non-finite loss or gradient by step {step} (loss {host_metrics['loss']}); stopped "
+            f"without saving it, the last good checkpoint is step {last_saved}. Lower the "
+            f"learning rate, raise config.loss.sinkhorn_reg, or set "
+            f"--config.skip_nonfinite_steps=True to skip such steps")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Pretrain with BAM as configured; resume from `workdir` when it holds a checkpoint.
+
+    Returns the final host metrics (train metrics of the last logged step and the kNN results).
+    """
+    os.makedirs(workdir, exist_ok=True)
+    mesh = make_mesh(config)
+    input_pipeline.check_global_batch(config.batch_size, mesh, BATCH_AXES)
+    epoch_steps = steps_per_epoch(config)
+    total_steps = total_train_steps(config)
+    schedules = make_schedules(config, epoch_steps, total_steps)
+    optimizer = make_optimizer(config)
+    create_model = model_factory(config)
+    use_teacher = config.teacher.enabled
+
+    # Abstract state (no memory), then a jitted init that writes each leaf straight into its
+    # sharding: no host ever holds the full unsharded model.
+    graphdef = nnx.split(nnx.eval_shape(create_model))[0]
+    make_state = lambda: init_state(create_model, optimizer, use_teacher)  # noqa: E731
+    abstract_state = jax.eval_shape(make_state)
+    shardings = state_shardings(abstract_state, mesh, config.mesh.fsdp_min_size)
+
+    checkpointer = checkpoint_lib.Checkpointer(
+        workdir, max_to_keep=config.keep_checkpoints, async_save=config.async_checkpointing)
+    restored = checkpointer.restore_latest(
+        checkpoint_lib.abstract_with_shardings(abstract_state, shardings))
+    if restored is None:
+        state = jax.jit(make_state, out_shardings=shardings)()
+        _LOG.info("initialised a new model in %s", workdir)
+    else:
+        start, state = restored
+        print(f"resumed from the checkpoint of step {start} in {checkpointer.directory}",
+              flush=True)
+    start_step = int(jax.device_get(state.step))
+    last_saved = None if restored is None else start_step
+    _save_config(config, workdir)
+
+    dataset = input_pipeline.create_pretrain_dataset(
+        config.data, global_batch_size=config.batch_size, seed=config.seed, start_step=start_step)
+    batches = input_pipeline.device_iterator(dataset, mesh, BATCH_AXES)
+
+    batch_sharding = jax.NamedSharding(mesh, jax.P(BATCH_AXES))
+    train_step = make_train_step(config, graphdef, optimizer, schedules, mesh)
+    first_batch = next(batches)
+    with jax.set_mesh(mesh):
+        compiled_step = jax.jit(
+            train_step, donate_argnums=(0,),
+            in_shardings=(shardings, jax.tree.map(lambda _: batch_sharding, first_batch)),
+            out_shardings=(shardings, None)).lower(state, first_batch).compile()
+    _print_memory_analysis(compiled_step)
+
+    logger = MetricsLogger(workdir, total_steps, config.batch_size)
+    evaluator = evaluate.KnnEvaluator(config, graphdef, mesh) if config.knn.enabled else None
+    knn_every = max(int(round(config.knn.every_epochs * epoch_steps)), 1) \
+        if config.knn.every_epochs > 0 else 0
+    final: dict[str, Any] = {}
+    step = start_step
+    with _Preemption() as preemption:
+        batch = first_batch
+        while step < total_steps:
+            with jax.set_mesh(mesh):
+                state, metrics = compiled_step(state, batch)
+            step += 1
+            is_last = step == total_steps
+            if step % config.log_every_steps == 0 or is_last or preemption.requested:
+                host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                host["epoch"] = step / epoch_steps
+                _check_finite(config, step, host, int(jax.device_get(state.nonfinite_steps)),
+                              last_saved)
+                final.update(logger.train(step, host))
+            if evaluator is not None and ((knn_every and step % knn_every == 0) or is_last):
+                results = evaluator.evaluate(state)
+                logger.write(step, results)
+                final.update(results)
+                print("kNN: " + "  ".join(f"{k} {v:.2f}" for k, v in results.items()), flush=True)
+            if step % config.checkpoint_every_steps == 0 or is_last or preemption.requested:
+                _check_finite(config, step, {"loss": float(jax.device_get(metrics["loss"]))},
+                              int(jax.device_get(state.nonfinite_steps)), last_saved)
+                checkpointer.save(step, state, config)
+                last_saved = step
+            if preemption.requested:
+                print(f"SIGTERM: saved step {step} and stopped; rerun the same command to "
+                      f"resume", flush=True)
+                break
+            if not is_last:
+                batch = next(batches)
+    checkpointer.close()
+    logger.close()
+    final["step"] = step
+    return final
+
+
+def _save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+
+
+def _print_memory_analysis(compiled) -> None:
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+        return
+    mib = 1 / 2**20
+    print(f"compiled train step per device: arguments {analysis.argument_size_in_bytes * mib:.1f} "
+          f"MiB, outputs {analysis.output_size_in_bytes * mib:.1f} MiB, temporaries "
+          f"{analysis.temp_size_in_bytes * mib:.1f} MiB, aliased "
+          f"{analysis.alias_size_in_bytes * mib:.1f} MiB", flush=True)

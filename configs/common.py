@@ -1,0 +1,121 @@
+"""Shared pieces of every pretraining config. Configs import nothing of bam_jax.
+
+Every field can be overridden on the command line: `--config.loss.top_k=64`.
+Batch sizes are global (summed over all processes and devices).
+"""
+
+import ml_collections
+
+
+def data_config(**overrides) -> ml_collections.ConfigDict:
+    """`config.data`: source and DINO-style multi-crop augmentation (official image_transforms)."""
+    data = ml_collections.ConfigDict(dict(
+        source="tfds",  # "mnist_bundled" | "tfds" | "folder"
+        tfds_name="imagenet2012",
+        data_dir=ml_collections.FieldReference(None, field_type=str),  # tfds data_dir, gs:// ok
+        folder="",  # root of <folder>/<split>/<class>/<image> for "folder"
+        train_split="train",
+        eval_train_split="train",  # the kNN bank / linear-probe training split
+        eval_split="validation",
+        global_crops_number=2,
+        global_crop_size=224,
+        global_crops_scale=(0.25, 1.0),
+        local_crops_number=6,
+        local_crop_size=96,
+        local_crops_scale=(0.05, 0.25),
+        flip_prob=0.5,
+        color_jitter_prob=0.8,
+        brightness=0.4,
+        contrast=0.4,
+        saturation=0.4,
+        hue=0.1,
+        grayscale_prob=0.2,
+        blur_probs=(1.0, 0.1, 0.5),  # first global crop, other global crops, local crops
+        blur_sigma=(0.1, 2.0),
+        solarize_prob=0.2,  # second global crop
+        eval_resize=256,
+        eval_crop_size=224,
+        mean=ml_collections.FieldReference(None, field_type=tuple),  # None: ImageNet's
+        std=ml_collections.FieldReference(None, field_type=tuple),
+        shuffle_buffer=16_384,
+        num_parallel_calls=-1,  # tf.data AUTOTUNE
+        threadpool_size=0,
+    ))
+    data.update(overrides)
+    return data
+
+
+def model_config(**overrides) -> ml_collections.ConfigDict:
+    """`config.model`: backbone + projector (official models/vit.py and models/heads.py)."""
+    model = ml_collections.ConfigDict(dict(
+        backbone="vit",  # "vit" | "convnet"
+        vit_variant="small",  # "tiny" | "small" | "base" | "large" | "custom"
+        width=384,  # used when vit_variant="custom"
+        depth=12,
+        num_heads=6,
+        patch_size=16,
+        mlp_ratio=4.0,
+        qkv_bias=True,
+        drop_path_rate=0.0,
+        freeze_patch_embed=True,  # MoCo v3: a random, frozen patch projection
+        remat=False,
+        dtype="bfloat16",  # compute dtype; parameters stay float32
+        param_dtype="float32",
+        projector=ml_collections.ConfigDict(dict(
+            n_layers=3, hidden_dim=4096, out_dim=4096, act="gelu", use_bn=False, last_bn=False,
+            bias=True)),
+        convnet=ml_collections.ConfigDict(dict(
+            channels=(32, 64, 128, 256), strides=(1, 2, 2, 1), norm="batch")),
+    ))
+    model.update(overrides)
+    return model
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """The official ViT recipe (scripts/pretrain/vit_*.slurm) on ImageNet; configs edit it."""
+    config = ml_collections.ConfigDict()
+    config.seed = 1
+    config.batch_size = 4096  # global
+    config.num_epochs = 400
+    config.num_train_steps = -1  # > 0 overrides num_epochs (e.g. a few steps of any config)
+    config.data = data_config()
+    config.model = model_config()
+    config.loss = ml_collections.ConfigDict(dict(
+        num_target_crops=2,
+        sinkhorn_reg=0.05,  # eps
+        sinkhorn_reg_final=0.05,
+        sinkhorn_reg_ramp_epochs=30,  # linear eps ramp, then constant (official: 30 epochs)
+        temperature=0.1,  # tau
+        sinkhorn_iters=3,
+        top_k=128,
+        positive_masking=True,
+    ))
+    config.teacher = ml_collections.ConfigDict(dict(
+        enabled=True, momentum=0.995, momentum_final=1.0))
+    config.optimizer = ml_collections.ConfigDict(dict(
+        name="adamw",  # "adamw" | "sgd" | "lars"
+        base_lr=3e-4,  # scaled by batch_size / 256
+        # As written in the official slurm scripts: min_lr is *not* scaled with the batch, so
+        # with lr 3e-4 * 4096 / 256 = 4.8e-3 the cosine ends at 1e-3.
+        min_lr=1e-3,
+        warmup_epochs=40,
+        weight_decay=0.04,
+        weight_decay_final=0.4,
+        clip_grad=0.3,  # global gradient norm; 0 disables
+        b1=0.9,
+        b2=0.999,
+        momentum=0.9,  # sgd / lars
+    ))
+    config.mesh = ml_collections.ConfigDict(dict(
+        fsdp=1,  # devices sharing each parameter; 1 = replicated (pure data parallel)
+        fsdp_min_size=2**18,  # leaves smaller than this stay replicated
+    ))
+    config.knn = ml_collections.ConfigDict(dict(
+        enabled=True, every_epochs=16, k=20, temperature=0.07, train_fraction=1.0,
+        batch_size=1024))
+    config.skip_nonfinite_steps = False  # False: stop on a non-finite loss; True: skip the step
+    config.log_every_steps = 50
+    config.checkpoint_every_steps = 1000
+    config.keep_checkpoints = 3
+    config.async_checkpointing = True
+    return config
