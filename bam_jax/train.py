@@ -46,13 +46,22 @@ class NonFiniteLossError(RuntimeError):
 # 1. The mesh.
 # ---------------------------------------------------------------------------------------------
 def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
-    """One ('data', 'fsdp') mesh over all devices; `config.mesh.fsdp` devices share parameters."""
-    num_devices = jax.device_count()
+    """One ('data', 'fsdp') mesh; `config.mesh.fsdp` devices share each parameter.
+
+    `config.mesh.num_devices` > 0 uses only the first that many devices (single-process runs).
+    """
+    devices = jax.devices()
+    if config.mesh.num_devices > 0:
+        if config.mesh.num_devices > len(devices) or jax.process_count() > 1:
+            raise ValueError(f"config.mesh.num_devices={config.mesh.num_devices} needs a single "
+                             f"process with at least that many devices (have {len(devices)}); "
+                             f"set --config.mesh.num_devices=0 to use all")
+        devices = devices[:config.mesh.num_devices]
     fsdp = config.mesh.fsdp
-    if fsdp < 1 or num_devices % fsdp:
-        raise ValueError(f"config.mesh.fsdp={fsdp} must divide the {num_devices} devices; "
-                         f"set --config.mesh.fsdp to a divisor of {num_devices}")
-    return jax.make_mesh((num_devices // fsdp, fsdp), BATCH_AXES,
+    if fsdp < 1 or len(devices) % fsdp:
+        raise ValueError(f"config.mesh.fsdp={fsdp} must divide the {len(devices)} devices; "
+                         f"set --config.mesh.fsdp to a divisor of {len(devices)}")
+    return jax.make_mesh((len(devices) // fsdp, fsdp), BATCH_AXES, devices=devices,
                          axis_types=(jax.sharding.AxisType.Auto,) * 2)
 
 
@@ -251,8 +260,9 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
             state.params, state.model_state)
         opt_state = _set_hyperparams(state.opt_state, lr, wd)
         updates, opt_state = optimizer.update(grads, opt_state, state.params)
-        grad_norm = optax.global_norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        grad_norm = optax.tree.norm(grads)
+        finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+                  & jnp.isfinite(optax.tree.norm(updates)))
         candidate = state.replace(
             step=step + 1, params=optax.apply_updates(state.params, updates),
             model_state=model_state, opt_state=opt_state, teacher_params=teacher_params,

@@ -1,0 +1,40 @@
+"""Configs: every file builds, mirrors the modules' field names, and matches the official recipe."""
+
+import importlib
+
+import pytest
+
+from bam_jax import input_pipeline, models
+
+
+@pytest.mark.parametrize("name", ["default", "vit_s", "vit_b"])
+def test_config_files_build_with_the_fields_the_modules_read(name):
+    config = importlib.import_module(f"configs.{name}").get_config()
+    assert set(config.data.keys()) == set(input_pipeline.default_data_config().keys())
+    assert set(config.model.keys()) == set(models.default_model_config().keys())
+    assert set(config.model.projector.keys()) == set(
+        models.default_model_config().projector.keys())
+
+
+def test_vit_configs_follow_the_official_slurm_scripts():
+    for name, variant in (("vit_s", "small"), ("vit_b", "base")):
+        config = importlib.import_module(f"configs.{name}").get_config()
+        assert config.model.vit_variant == variant
+        assert (config.batch_size, config.num_epochs) == (4096, 400)
+        assert config.optimizer.base_lr * config.batch_size / 256 == pytest.approx(4.8e-3)
+        assert (config.optimizer.min_lr, config.optimizer.warmup_epochs) == (1e-3, 40)
+        assert (config.optimizer.weight_decay, config.optimizer.weight_decay_final) == (0.04, 0.4)
+        assert config.optimizer.clip_grad == 0.3
+        assert config.data.global_crops_scale == (0.25, 1.0)
+        assert config.data.local_crops_scale == (0.05, 0.25)
+        assert (config.data.global_crops_number, config.data.local_crops_number) == (2, 6)
+        projector = config.model.projector
+        assert (projector.n_layers, projector.hidden_dim, projector.out_dim) == (3, 4096, 4096)
+        assert (projector.act, projector.use_bn, projector.bias) == ("gelu", False, True)
+        assert config.teacher.enabled and config.teacher.momentum == 0.995
+        loss = config.loss
+        assert (loss.sinkhorn_reg, loss.temperature, loss.sinkhorn_iters) == (0.05, 0.1, 3)
+        assert (loss.top_k, loss.num_target_crops) == (128, 2)
+        assert config.model.drop_path_rate == 0.0
+        assert config.data.tfds_name == "imagenet2012"
+
