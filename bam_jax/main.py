@@ -41,7 +41,7 @@ def main(argv):
         message = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
         print(f"bam_jax: error: {message}", file=sys.stderr, flush=True)
         sys.exit(2)
-    summary = {k: v for k, v in result.items() if k.startswith(("knn", "teacher_knn", "loss"))}
+    summary = {k: v for k, v in result.items() if k.startswith(("init_knn", "knn", "teacher_knn", "loss"))}
     print("done: step " + str(result["step"]) + "  " +
           "  ".join(f"{k} {v:.4f}" for k, v in sorted(summary.items())), flush=True)
 

@@ -441,6 +441,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if config.knn.every_epochs > 0 else 0
     final: dict[str, Any] = {}
     step = start_step
+    if evaluator is not None and config.knn.eval_at_start and step == 0:
+        # The same backbone at random init: the baseline that pretraining must beat.
+        results = {f"init_{k}": v for k, v in evaluator.evaluate(state).items()}
+        logger.write(0, results)
+        final.update(results)
+        print("kNN at init: " + "  ".join(f"{k} {v:.2f}" for k, v in results.items()), flush=True)
     with _Preemption() as preemption:
         batch = first_batch
         while step < total_steps:

@@ -113,7 +113,7 @@ def base_config() -> ml_collections.ConfigDict:
         fsdp_min_size=2**18,  # leaves smaller than this stay replicated
     ))
     config.knn = ml_collections.ConfigDict(dict(
-        enabled=True, every_epochs=16, k=20, temperature=0.07, train_fraction=1.0,
+        enabled=True, eval_at_start=False, every_epochs=16, k=20, temperature=0.07, train_fraction=1.0,
         batch_size=1024))
     config.skip_nonfinite_steps = False  # False: stop on a non-finite loss; True: skip the step
     config.log_every_steps = 50
