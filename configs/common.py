@@ -53,7 +53,7 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
         vit_variant="small",  # "tiny" | "small" | "base" | "large" | "custom"
         width=384,  # used when vit_variant="custom"
         depth=12,
-        num_heads=6,
+        num_heads=12,
         patch_size=16,
         mlp_ratio=4.0,
         qkv_bias=True,
