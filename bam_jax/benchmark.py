@@ -1,0 +1,194 @@
+"""Train-step benchmark: `python -m bam_jax.benchmark --workload=vit_s16 [--batch_size=8]`.
+
+Prints and writes as JSON (`--output`): the median step time after compilation, images/s, the
+step's model FLOPs from XLA's cost analysis, achieved FLOP/s and its fraction of a matmul peak
+measured in the same run (MFU), the share of the step spent in the loss + Sinkhorn, and memory.
+Runs unchanged on CPU, GPU and TPU: fp32 on CPU, bf16 compute on accelerators by default.
+Inputs are random tensors of the workload's shapes, so the figure is the step alone, not the
+input pipeline (see `bam_jax.benchmark_input` for that).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import app, flags
+from flax import nnx
+
+from bam_jax import loss as loss_lib
+from bam_jax import models
+from bam_jax import train
+from configs import common
+from configs import default as default_config
+
+_WORKLOAD = flags.DEFINE_enum("workload", "vit_s16", ["vit_s16", "vit_b16", "default"],
+                              "Named workload.")
+_BATCH = flags.DEFINE_integer("batch_size", 0, "Global batch; 0: the workload's default.")
+_STEPS = flags.DEFINE_integer("steps", 5, "Timed steps after one warm-up step.")
+_DTYPE = flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"],
+                           "Compute dtype; auto: float32 on CPU, bfloat16 elsewhere.")
+_REMAT = flags.DEFINE_bool("remat", False, "Rematerialise every ViT block.")
+_OUTPUT = flags.DEFINE_string("output", "", "Write the results as JSON here.")
+
+
+def workload_config(name: str, batch_size: int,
+                    dtype: str) -> tuple[ml_collections.ConfigDict, int]:
+    """(config, image channels): the official recipe at benchmark size (ViT, 2x224 + 6x96 crops,
+    3x4096 projector, EMA teacher, AdamW), or the embedded default (one-channel digits)."""
+    if name == "default":
+        config, num_channels = default_config.get_config(), 1
+    else:
+        config, num_channels = common.base_config(), 3
+        config.model.vit_variant = {"vit_s16": "small", "vit_b16": "base"}[name]
+        config.batch_size = 8
+    if batch_size:
+        config.batch_size = batch_size
+    if dtype == "auto":
+        dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    config.model.dtype = dtype
+    config.knn.enabled = False
+    return config, num_channels
+
+
+def random_batch(config, num_channels: int, sharding) -> dict[str, jax.Array]:
+    data = config.data
+    key_global, key_local = jax.random.split(jax.random.key(0))
+    batch = {"global_crops": jax.random.normal(key_global, (
+        config.batch_size, data.global_crops_number, data.global_crop_size,
+        data.global_crop_size, num_channels))}
+    if data.local_crops_number:
+        batch["local_crops"] = jax.random.normal(key_local, (
+            config.batch_size, data.local_crops_number, data.local_crop_size,
+            data.local_crop_size, num_channels))
+    return jax.device_put(batch, sharding)
+
+
+def matmul_peak_flops(dtype) -> float:
+    """Achieved FLOP/s of a large square matmul on one device: the denominator of MFU."""
+    size = 2048 if jax.default_backend() == "cpu" else 8192
+    a = jnp.ones((size, size), dtype)
+    matmul = jax.jit(lambda x, y: x @ y)
+    matmul(a, a).block_until_ready()
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        matmul(a, a).block_until_ready()
+        times.append(time.perf_counter() - start)
+    return 2 * size**3 / min(times)
+
+
+def _median_seconds(fn, *args, steps: int) -> float:
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run(config: ml_collections.ConfigDict, *, num_channels: int, steps: int) -> dict:
+    mesh = train.make_mesh(config)
+    total_steps = 1000
+    schedules = train.make_schedules(config, steps_per_epoch=100, total_steps=total_steps)
+    optimizer = train.make_optimizer(config)
+
+    def create_model():
+        return models.build_model(
+            config.model, num_channels=num_channels, image_size=config.data.global_crop_size,
+            rngs=nnx.Rngs(params=0, dropout=1))
+
+    graphdef = nnx.split(nnx.eval_shape(create_model))[0]
+    make_state = lambda: train.init_state(create_model, optimizer, config.teacher.enabled)  # noqa: E731
+    shardings = train.state_shardings(jax.eval_shape(make_state), mesh,
+                                      config.mesh.fsdp_min_size)
+    batch_sharding = jax.NamedSharding(mesh, jax.P(train.BATCH_AXES))
+    batch = random_batch(config, num_channels, batch_sharding)
+    with jax.set_mesh(mesh):
+        state = jax.jit(make_state, out_shardings=shardings)()
+        step_fn = train.make_train_step(config, graphdef, optimizer, schedules, mesh)
+        compiled = jax.jit(step_fn, donate_argnums=(0,),
+                           in_shardings=(shardings, jax.tree.map(lambda _: batch_sharding, batch)),
+                           out_shardings=(shardings, None)).lower(state, batch).compile()
+        cost = compiled.cost_analysis()
+        flops = float((cost[0] if isinstance(cost, list) else cost).get("flops", 0.0))
+        memory = compiled.memory_analysis()
+
+        holder = {"state": state}
+
+        def one_step():
+            holder["state"], metrics = compiled(holder["state"], batch)
+            return metrics["loss"]
+
+        one_step()  # warm-up (first execution allocates)
+        step_seconds = _median_seconds(one_step, steps=steps)
+
+        # The loss + Sinkhorn alone, on projector outputs of the step's shape.
+        num_views = config.data.global_crops_number + config.data.local_crops_number
+        z = jax.device_put(jax.random.normal(jax.random.key(1), (
+            config.batch_size, num_views, config.model.projector.out_dim)), batch_sharding)
+        loss_cfg = config.loss
+
+        def loss_and_grad(z, z_teacher):
+            return jax.value_and_grad(lambda x: loss_lib.sharded_bam_loss_and_metrics(
+                x, mesh=mesh, batch_axes=train.BATCH_AXES, z_teacher=z_teacher,
+                num_global_crops=config.data.global_crops_number,
+                num_target_crops=loss_cfg.num_target_crops, sinkhorn_reg=loss_cfg.sinkhorn_reg,
+                temperature=loss_cfg.temperature, sinkhorn_iters=loss_cfg.sinkhorn_iters,
+                top_k=loss_cfg.top_k, positive_masking=loss_cfg.positive_masking)[0])(z)
+
+        loss_fn = jax.jit(loss_and_grad)
+        z_teacher = z if config.teacher.enabled else None
+        jax.block_until_ready(loss_fn(z, z_teacher))
+        loss_seconds = _median_seconds(loss_fn, z, z_teacher, steps=max(steps, 5))
+
+    dtype = jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
+    peak = matmul_peak_flops(dtype) * jax.device_count()
+    result = {
+        "workload": _WORKLOAD.value if flags.FLAGS.is_parsed() else None,
+        "backend": jax.default_backend(),
+        "device": jax.devices()[0].device_kind,
+        "num_devices": jax.device_count(),
+        "dtype": config.model.dtype,
+        "batch_size": config.batch_size,
+        "step_seconds": step_seconds,
+        "images_per_second": config.batch_size / step_seconds,
+        "step_flops": flops,
+        "achieved_flops_per_second": flops / step_seconds,
+        "matmul_peak_flops_per_second": peak,
+        "mfu": flops / step_seconds / peak,
+        "loss_seconds": loss_seconds,
+        "loss_share_of_step": loss_seconds / step_seconds,
+        "temp_bytes": getattr(memory, "temp_size_in_bytes", None),
+        "argument_bytes": getattr(memory, "argument_size_in_bytes", None),
+    }
+    stats = jax.devices()[0].memory_stats()
+    if stats and "peak_bytes_in_use" in stats:
+        result["peak_bytes_in_use"] = stats["peak_bytes_in_use"]
+    return result
+
+
+def main(argv):
+    del argv
+    config, num_channels = workload_config(_WORKLOAD.value, _BATCH.value, _DTYPE.value)
+    config.model.remat = _REMAT.value
+    result = run(config, num_channels=num_channels, steps=_STEPS.value)
+    print(json.dumps(result, indent=2))
+    print(f"{result['workload']} on {result['device']} x{result['num_devices']} "
+          f"({result['dtype']}, batch {result['batch_size']}): "
+          f"{result['step_seconds']:.3f} s/step, {result['images_per_second']:.2f} img/s, "
+          f"{result['achieved_flops_per_second'] / 1e9:.1f} GFLOP/s = "
+          f"{100 * result['mfu']:.1f}% of the measured matmul peak "
+          f"({result['matmul_peak_flops_per_second'] / 1e9:.1f} GFLOP/s); loss+Sinkhorn "
+          f"{100 * result['loss_share_of_step']:.2f}% of the step", flush=True)
+    if _OUTPUT.value:
+        with open(_OUTPUT.value, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    app.run(main)
