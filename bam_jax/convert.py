@@ -1,0 +1,451 @@
+"""ViT weights between bam_jax and PyTorch (official BAM, DINO, timm key names).
+
+Import an official BAM / DINO checkpoint into a safetensors file that bam_jax loads:
+    python -m bam_jax.convert --torch_checkpoint=checkpoint.pth --checkpoint_key=teacher \
+        --num_heads=12 --output=bam_vit_s16.safetensors
+Export the teacher of a bam_jax run for timm / DINO users:
+    python -m bam_jax.convert --workdir=DIR [--config=configs/vit_s.py] \
+        --export_safetensors=out.safetensors
+
+The interchange file is safetensors with timm key names (cls_token, pos_embed [1, 1+N, D],
+patch_embed.proj.weight [D, C, p, p], blocks.i.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1,
+mlp.fc2}, norm) plus `num_heads` in its metadata, since heads cannot be read off the weights. In
+timm: `m = timm.create_model("vit_small_patch16_224", num_classes=0, num_heads=12,
+dynamic_img_size=True); m.load_state_dict(safetensors.torch.load_file(path))`.
+
+Crop sizes: at the native size (the one pos_embed was built for) the converted model gives the
+same features as the PyTorch one. For other sizes the position table is resampled, and
+`models.VisionTransformer` does torch bicubic *without* antialiasing, whereas the official BAM
+ViT (timm `resample_abs_pos_embed`, antialias=True) and DINO (`interpolate_pos_encoding`,
+scale_factor with a +0.1 offset) resample differently, so features there differ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import re
+import sys
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from bam_jax import models
+
+_LOG = logging.getLogger(__name__)
+
+ROLES = ("teacher", "student")
+# Wrappers around the backbone that the official `load_pretrained_weights` strips.
+_WRAPPER_SEGMENTS = ("module", "_orig_mod")
+_BACKBONE_PREFIXES = ("backbone", "base_encoder")
+# Keys under these names change the network: if we cannot map one, importing must fail.
+_BACKBONE_NAMES = ("blocks", "patch_embed", "reg_token", "norm_pre", "cls_token", "pos_embed",
+                   "norm")
+
+
+# ---------------------------------------------------------------------------------------------
+# The one table of names: timm key <-> path of the nnx variable, and how the tensor changes.
+# ---------------------------------------------------------------------------------------------
+def _layout(depth: int, qkv_bias: bool) -> list[tuple[str, tuple, str]]:
+    """(timm key, nnx path, kind) for every backbone tensor; kind says how it is re-laid-out."""
+    table = [("cls_token", ("cls_token",), "same"), ("pos_embed", ("pos_embed",), "pos"),
+             ("patch_embed.proj.weight", ("patch_kernel",), "conv"),
+             ("patch_embed.proj.bias", ("patch_bias",), "same")]
+    for i in range(depth):
+        for name, path, kind in (("norm1", ("norm1",), "norm"),
+                                 ("attn.qkv", ("attn", "qkv"), "linear"),
+                                 ("attn.proj", ("attn", "proj"), "linear"),
+                                 ("norm2", ("norm2",), "norm"),
+                                 ("mlp.fc1", ("mlp", "fc1"), "linear"),
+                                 ("mlp.fc2", ("mlp", "fc2"), "linear")):
+            weight = ("scale",) if kind == "norm" else ("kernel",)
+            table.append((f"blocks.{i}.{name}.weight", ("blocks", i, *path, *weight), kind))
+            if name != "attn.qkv" or qkv_bias:
+                table.append((f"blocks.{i}.{name}.bias", ("blocks", i, *path, "bias"), "same"))
+    table += [("norm.weight", ("norm", "scale"), "norm"), ("norm.bias", ("norm", "bias"), "same")]
+    return table
+
+
+def _to_ours(kind: str, value: np.ndarray) -> np.ndarray:
+    if kind == "pos":  # [1, 1+N, D] -> [1+N, D]
+        return value[0]
+    if kind == "conv":  # OIHW -> [(p1 p2 c), D], the order models._patchify flattens a patch in
+        d, c, p1, p2 = value.shape
+        return value.transpose(2, 3, 1, 0).reshape(p1 * p2 * c, d)
+    if kind == "linear":  # torch [out, in] -> flax [in, out]
+        return value.T
+    return value
+
+
+def _to_timm(kind: str, value: np.ndarray, patch_size: int) -> np.ndarray:
+    if kind == "pos":
+        return value[None]
+    if kind == "conv":
+        d = value.shape[1]
+        c = value.shape[0] // (patch_size * patch_size)
+        return value.reshape(patch_size, patch_size, c, d).transpose(3, 2, 0, 1)
+    if kind == "linear":
+        return value.T
+    return value
+
+
+def _variable(model: nnx.Module, path: tuple) -> nnx.Variable:
+    node = model
+    for key in path:
+        node = node[key] if isinstance(key, int) else getattr(node, key)
+    return node
+
+
+# ---------------------------------------------------------------------------------------------
+# timm names -> our VisionTransformer.
+# ---------------------------------------------------------------------------------------------
+def _canonicalise(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Rewrite the timm variants we can express exactly onto plain timm names.
+
+    LayerScale (the official `vit_*_LS`) is folded into the Linear before it; `fc_norm` (timm
+    with use_fc_norm, where `norm` is Identity) is the same LayerNorm on the CLS token; a
+    pos_embed without the CLS row (timm no_embed_class) equals one with a zero CLS row.
+    """
+    out = dict(tensors)
+    for key in [k for k in out if re.fullmatch(r"blocks\.\d+\.ls[12]\.gamma", k)]:
+        gamma = out.pop(key)
+        linear = key.replace("ls1.gamma", "attn.proj").replace("ls2.gamma", "mlp.fc2")
+        out[f"{linear}.weight"] = out[f"{linear}.weight"] * gamma[:, None]
+        out[f"{linear}.bias"] = out[f"{linear}.bias"] * gamma
+    if "norm.weight" not in out and "fc_norm.weight" in out:
+        out["norm.weight"], out["norm.bias"] = out.pop("fc_norm.weight"), out.pop("fc_norm.bias")
+    pos = out.get("pos_embed")
+    if (pos is not None and pos.ndim == 3 and not _is_square(pos.shape[1] - 1)
+            and _is_square(pos.shape[1])):
+        out["pos_embed"] = np.concatenate([np.zeros_like(pos[:, :1]), pos], axis=1)
+    return out
+
+
+def _is_square(n: int) -> bool:
+    return n > 0 and math.isqrt(n) ** 2 == n
+
+
+def vit_from_timm(tensors: Mapping[str, np.ndarray], *, num_heads: int,
+                  freeze_patch_embed: bool = True) -> tuple[models.VisionTransformer, list[str]]:
+    """Our ViT holding timm-named backbone tensors; returns it and the keys it did not use.
+
+    Width, depth, patch size, channels, MLP ratio, qkv bias and native crop size come from the
+    shapes; `num_heads` cannot, so it is an argument. Raises ValueError (one line) when required
+    keys are missing, a shape disagrees, or a backbone key has no counterpart here.
+    """
+    tensors = _canonicalise(tensors)
+    for required in ("cls_token", "pos_embed", "patch_embed.proj.weight"):
+        if required not in tensors:
+            raise ValueError(f"no {required!r} among the {len(tensors)} tensors: not a timm/DINO "
+                             f"ViT state dict (first keys: {', '.join(sorted(tensors)[:5])})")
+    width, channels, patch, patch_w = tensors["patch_embed.proj.weight"].shape
+    if patch != patch_w:
+        raise ValueError(f"non-square patches {patch}x{patch_w} are not supported")
+    tokens = tensors["pos_embed"].shape[1] - 1
+    if not _is_square(tokens):
+        raise ValueError(f"pos_embed has {tokens} patch positions: not a square grid")
+    depth = 1 + max((int(m.group(1)) for k in tensors if (m := re.match(r"blocks\.(\d+)\.", k))),
+                    default=-1)
+    if depth == 0:
+        raise ValueError("no blocks.N.* tensors: not a ViT state dict")
+    hidden = tensors["blocks.0.mlp.fc1.weight"].shape[0]
+    qkv_bias = "blocks.0.attn.qkv.bias" in tensors
+    layout = _layout(depth, qkv_bias)
+    missing = [key for key, _, _ in layout if key not in tensors]
+    if missing:
+        raise ValueError(f"the checkpoint lacks {len(missing)} required ViT key(s): "
+                         f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+    used = {key for key, _, _ in layout}
+    unsupported = sorted(k for k in tensors if k not in used and k.split(".")[0] in _BACKBONE_NAMES)
+    if unsupported:
+        raise ValueError(f"backbone tensors this ViT cannot represent: "
+                         f"{', '.join(unsupported[:8])}")
+
+    model = nnx.eval_shape(lambda: models.VisionTransformer(
+        image_size=math.isqrt(tokens) * patch, patch_size=patch, in_channels=channels,
+        width=width, depth=depth, num_heads=num_heads, mlp_ratio=hidden / width,
+        qkv_bias=qkv_bias, freeze_patch_embed=freeze_patch_embed, rngs=nnx.Rngs(0)))
+    for key, path, kind in layout:
+        variable = _variable(model, path)
+        value = _to_ours(kind, np.asarray(tensors[key], np.float32))
+        if value.shape != variable.get_value().shape:
+            raise ValueError(f"{key}: shape {tensors[key].shape} does not fit a ViT of width "
+                             f"{width}, depth {depth}, patch {patch}")
+        variable.set_value(jnp.asarray(value))
+    return model, sorted(k for k in tensors if k not in used)
+
+
+def vit_to_timm(model: models.VisionTransformer) -> dict[str, np.ndarray]:
+    """timm-named float32 tensors of our ViT (the inverse of `vit_from_timm`)."""
+    qkv_bias = model.blocks[0].attn.qkv.bias is not None
+    return {key: np.ascontiguousarray(_to_timm(kind, np.asarray(
+                _variable(model, path).get_value(), np.float32), model.patch_size))
+            for key, path, kind in _layout(model.depth, qkv_bias)}
+
+
+def _summarise(keys: list[str]) -> str:
+    """'proj_head.* (6), head.weight': readable even for the hundreds of keys of another role."""
+    groups: dict[str, list[str]] = {}
+    for key in keys:
+        groups.setdefault(key.split(".")[0], []).append(key)
+    return ", ".join(names[0] if len(names) == 1 else f"{head}.* ({len(names)})"
+                     for head, names in sorted(groups.items()))
+
+
+def _report_unused(source: str, keys: list[str]) -> None:
+    if keys:
+        _LOG.warning("%s: not part of the ViT backbone, not imported: %s", source, _summarise(keys))
+
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch checkpoints (official BAM, DINO, timm) -> timm names -> our ViT.
+# ---------------------------------------------------------------------------------------------
+def torch_backbone_tensors(path: str, *, checkpoint_key: str = "teacher"
+                           ) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The backbone tensors of one network in a .pth, under bare timm names, as float32 numpy.
+
+    Layouts: DINO ({'teacher': sd, 'student': sd, ...}), official BAM ({'model': sd} with
+    'teacher.'/'student.' prefixes) and a bare state dict. `module.` / `_orig_mod.` segments and a
+    leading `backbone.` / `base_encoder.` are stripped as the official loader does. The file is
+    read with `weights_only=True` (only tensors and plain containers; `argparse.Namespace`, which
+    both official scripts store under 'args', is the one class allowed). Returns the tensors and
+    the keys left out (other network, heads).
+    """
+    import pickle
+
+    import torch
+
+    if checkpoint_key not in ROLES:
+        raise ValueError(f"checkpoint_key must be one of {ROLES}, got {checkpoint_key!r}")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(f"{path}: refused by torch.load(weights_only=True): "
+                         f"{str(error).strip().splitlines()[0]}") from error
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    if isinstance(obj.get(checkpoint_key), Mapping):
+        state = obj[checkpoint_key]
+    elif any(isinstance(obj.get(role), Mapping) for role in ROLES):
+        raise ValueError(f"{path} has no {checkpoint_key!r} entry; use --checkpoint_key="
+                         f"{next(r for r in ROLES if r != checkpoint_key)}")
+    else:
+        state = next((obj[k] for k in ("model", "state_dict")
+                      if isinstance(obj.get(k), Mapping)), obj)
+
+    named = {}
+    for key, value in state.items():
+        if torch.is_tensor(value):
+            parts = [p for p in key.split(".") if p not in _WRAPPER_SEGMENTS]
+            named[".".join(parts)] = value
+    roles = {key.split(".")[0] for key in named} & set(ROLES)
+    if roles and checkpoint_key not in roles:
+        raise ValueError(f"{path} holds no {checkpoint_key} weights (only "
+                         f"{', '.join(sorted(roles))}); use --checkpoint_key={roles.pop()}")
+    tensors, left_out = {}, []
+    for key, value in named.items():
+        head, _, rest = key.partition(".")
+        if roles:
+            if head != checkpoint_key:
+                left_out.append(key)
+                continue
+            key = rest
+        head, _, rest = key.partition(".")
+        key = rest if head in _BACKBONE_PREFIXES else key
+        if value.is_floating_point():
+            value = value.detach().to(torch.float32)
+        tensors[key] = value.numpy()
+    return tensors, left_out
+
+
+def load_torch_vit(path: str, *, checkpoint_key: str = "teacher", num_heads: int = 12,
+                   freeze_patch_embed: bool = True) -> models.VisionTransformer:
+    """Our ViT with the weights of an official BAM / DINO / timm PyTorch checkpoint.
+
+    `num_heads` is not stored in a state dict: 12 for the official BAM ViT-S and ViT-B, 6 for
+    DINO's and timm's ViT-S. Keys that are not part of the backbone are logged.
+    """
+    tensors, left_out = torch_backbone_tensors(path, checkpoint_key=checkpoint_key)
+    model, unused = vit_from_timm(tensors, num_heads=num_heads,
+                                  freeze_patch_embed=freeze_patch_embed)
+    _report_unused(path, left_out + unused)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# safetensors: the interchange file both ways.
+# ---------------------------------------------------------------------------------------------
+def save_vit_safetensors(model: models.VisionTransformer, path: str) -> None:
+    """Write our ViT under timm names, with `num_heads` in the metadata."""
+    from safetensors.numpy import save_file
+
+    save_file(vit_to_timm(model), path,
+              metadata={"format": "timm-vit", "num_heads": str(model.blocks[0].attn.num_heads)})
+
+
+def load_vit_safetensors(path: str, *, num_heads: int | None = None,
+                         freeze_patch_embed: bool = True) -> models.VisionTransformer:
+    """Our ViT from a timm-named safetensors file (ours, or timm's with `num_heads` given)."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="np") as f:
+        metadata = f.metadata() or {}
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    if num_heads is None:
+        if "num_heads" not in metadata:
+            raise ValueError(f"{path} does not record num_heads; pass it")
+        num_heads = int(metadata["num_heads"])
+    model, unused = vit_from_timm(tensors, num_heads=num_heads,
+                                  freeze_patch_embed=freeze_patch_embed)
+    _report_unused(path, unused)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# bam_jax workdirs.
+# ---------------------------------------------------------------------------------------------
+def backbone_from_workdir(workdir: str, config=None, *, checkpoint_key: str = "teacher"
+                          ) -> tuple[int, models.VisionTransformer]:
+    """(step, ViT backbone) of the newest readable checkpoint of a bam_jax run.
+
+    The state is restored onto one device whatever mesh wrote it, using the checkpoint's own
+    shapes, so no dataset is needed to rebuild it; `config` (default: the config saved with the
+    checkpoint) supplies what shapes do not say: patch size, heads.
+    """
+    import ml_collections
+    import orbax.checkpoint as ocp
+
+    from bam_jax import checkpoint as checkpoint_lib
+
+    if checkpoint_key not in ROLES:
+        raise ValueError(f"checkpoint_key must be one of {ROLES}, got {checkpoint_key!r}")
+    if not os.path.isdir(os.path.join(os.path.abspath(workdir), "checkpoints")):
+        raise FileNotFoundError(f"no checkpoints directory in {workdir}")
+    checkpointer = checkpoint_lib.Checkpointer(workdir, async_save=False)
+    try:
+        latest = checkpointer.latest_step()
+        if latest is None:
+            raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}")
+        metadata = ocp.StandardCheckpointer().metadata(
+            os.path.join(checkpointer.directory, str(latest), "state")).item_metadata.tree
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        abstract = jax.tree.map(
+            lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device), metadata)
+        step, state = checkpointer.restore_latest(abstract)
+        if config is None:
+            config = ml_collections.ConfigDict(checkpointer.restore_config(step))
+    finally:
+        checkpointer.close()
+
+    prefix = "teacher_" if checkpoint_key == "teacher" else ""
+    if not state.get(f"{prefix}params"):
+        raise ValueError(f"the run in {workdir} has no teacher; use --checkpoint_key=student")
+    saved = _merge(state[f"{prefix}params"]["backbone"], state[f"{prefix}model_state"]["backbone"])
+    if config.model.backbone != "vit":
+        raise ValueError(f"the run in {workdir} has a {config.model.backbone} backbone; only ViTs "
+                         f"have timm names")
+    model_config = config.model.copy_and_resolve_references()
+    model_config.drop_path_rate = 0.0  # no RNG state: the backbone is for inference and export
+    patch = model_config.patch_size
+    channels = saved["patch_kernel"]["value"].shape[0] // (patch * patch)
+    image_size = math.isqrt(saved["pos_embed"]["value"].shape[0] - 1) * patch
+    backbone = nnx.eval_shape(lambda: models.build_model(
+        model_config, num_channels=channels, image_size=image_size, rngs=nnx.Rngs(0))).backbone
+    for path, variable in nnx.iter_graph(backbone):
+        if isinstance(variable, nnx.Variable):
+            node = saved
+            for key in path:
+                node = node.get(str(key), {}) if isinstance(node, Mapping) else {}
+            value = node.get("value")
+            if value is None or value.shape != variable.get_value().shape:
+                raise ValueError(f"the checkpoint in {workdir} does not match the config at "
+                                 f"{'.'.join(map(str, path))}; pass the config the run used")
+            variable.set_value(jnp.asarray(value))
+    return step, backbone
+
+
+def _merge(a: Mapping, b: Mapping) -> dict:
+    """Deep union of the Param and non-Param halves of one nnx state (disjoint leaves)."""
+    out = dict(a)
+    for key, value in b.items():
+        out[key] = _merge(out[key], value) if isinstance(out.get(key), Mapping) else value
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+# ---------------------------------------------------------------------------------------------
+def _load_config(path: str):
+    """`get_config()` of a config file, as bam_jax.main reads it (the file is run: trust it)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_bam_jax_convert_config", path)
+    if spec is None or spec.loader is None:
+        raise FileNotFoundError(f"cannot read config file {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bam_jax.convert",
+        description="Convert ViT weights between PyTorch (official BAM, DINO, timm) and bam_jax.",
+        epilog="import:  --torch_checkpoint=checkpoint.pth --output=vit.safetensors "
+               "[--checkpoint_key=student] [--num_heads=6]\n"
+               "export:  --workdir=DIR [--config=configs/vit_s.py] "
+               "--export_safetensors=out.safetensors",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--torch_checkpoint", help="PyTorch .pth to import")
+    mode.add_argument("--export_safetensors", help="safetensors file to write from --workdir")
+    parser.add_argument("--output", help="safetensors file the import writes")
+    parser.add_argument("--checkpoint_key", choices=ROLES, default="teacher",
+                        help="which network of a student/teacher checkpoint (default: teacher)")
+    parser.add_argument("--num_heads", type=int, default=12,
+                        help="attention heads of the imported ViT: 12 for the official BAM "
+                             "ViT-S/B (default), 6 for DINO/timm ViT-S")
+    parser.add_argument("--workdir", help="bam_jax run directory to export from")
+    parser.add_argument("--config", help="config file of that run (default: the saved one)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.torch_checkpoint and not args.output:
+        parser.error("--torch_checkpoint needs --output")
+    if args.export_safetensors and not args.workdir:
+        parser.error("--export_safetensors needs --workdir")
+    logging.basicConfig(level=logging.WARNING, format="convert: %(message)s")
+    try:
+        if args.torch_checkpoint:
+            model = load_torch_vit(args.torch_checkpoint, checkpoint_key=args.checkpoint_key,
+                                   num_heads=args.num_heads)
+            destination, source = args.output, f"{args.torch_checkpoint} ({args.checkpoint_key})"
+        else:
+            config = _load_config(args.config) if args.config else None
+            step, model = backbone_from_workdir(args.workdir, config,
+                                                checkpoint_key=args.checkpoint_key)
+            destination = args.export_safetensors
+            source = f"{args.workdir} step {step} ({args.checkpoint_key})"
+        save_vit_safetensors(model, destination)
+    except (ValueError, FileNotFoundError, OSError) as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        print(f"convert: error: {message}", file=sys.stderr, flush=True)
+        return 2
+    grid = model.grid_size[0]
+    print(f"wrote {destination}: ViT width {model.embed_dim}, depth {model.depth}, heads "
+          f"{model.blocks[0].attn.num_heads}, patch {model.patch_size}, "
+          f"native crop {grid * model.patch_size} from {source}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

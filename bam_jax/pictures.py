@@ -1,0 +1,209 @@
+"""Pictures of a pretraining workdir: `python -m bam_jax.pictures --workdir=DIR`.
+
+Writes PNG files into DIR (matplotlib, Agg backend):
+  curves.png     loss and kNN top-1 against the step, from metrics.jsonl;
+  attention.png  the CLS self-attention of the last block, per head, over a few eval images, as
+                 DINO shows them (ViT only; the teacher's weights when the run has a teacher);
+  target.png     for one batch of training crops, the balanced BAM target P (Sinkhorn) beside
+                 the source softmax A, over the global views of the batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from bam_jax import input_pipeline  # noqa: E402
+from bam_jax import knn_eval  # noqa: E402
+from bam_jax import loss as loss_lib  # noqa: E402
+from bam_jax import models  # noqa: E402
+from bam_jax import train  # noqa: E402
+
+
+def plot_curves(workdir: str) -> str:
+    """curves.png: the training loss and every kNN top-1 series of metrics.jsonl."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        raise ValueError(f"{path} does not exist; pass a workdir that `python -m bam_jax.main` "
+                         f"has trained in")
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    series_names = sorted({k for row in rows for k in row if k.endswith("knn_top1")})
+    fig, (ax_loss, ax_knn) = plt.subplots(1, 2, figsize=(11, 4))
+    loss_rows = [row for row in rows if "loss" in row]
+    ax_loss.plot([r["step"] for r in loss_rows], [r["loss"] for r in loss_rows], ".-")
+    ax_loss.set(title="BAM loss", xlabel="step", ylabel="loss")
+    for name in series_names:
+        points = [(r["step"], r[name]) for r in rows if name in r]
+        ax_knn.plot(*zip(*points), "o-", label=name)
+    ax_knn.set(title="kNN top-1", xlabel="step", ylabel="%")
+    if series_names:
+        ax_knn.legend()
+    else:
+        ax_knn.text(0.5, 0.5, "no kNN evaluation logged", ha="center", transform=ax_knn.transAxes)
+    return _save(fig, workdir, "curves.png")
+
+
+def _unnormalize(images: np.ndarray, data_config) -> np.ndarray:
+    """Model inputs back to [0, 1] pixels for display."""
+    mean, std = input_pipeline._mean_std(data_config, images.shape[-1])
+    return np.clip(images * np.asarray(std) + np.asarray(mean), 0.0, 1.0)
+
+
+def _show(ax, image):
+    ax.imshow(image[..., 0] if image.shape[-1] == 1 else image,
+              cmap="gray" if image.shape[-1] == 1 else None)
+    ax.axis("off")
+
+
+def plot_attention(config, graphdef, weights, workdir: str, num_images: int = 4) -> str | None:
+    """attention.png: per head, the last block's CLS attention to the patches over the image."""
+    model = nnx.merge(graphdef, *weights)
+    if not isinstance(model.backbone, models.VisionTransformer):
+        print(f"attention maps: skipped, the {config.model.backbone} backbone has no "
+              f"self-attention", flush=True)
+        return None
+    data = config.data
+    batch = next(input_pipeline.create_eval_dataset(
+        data, data.eval_split, global_batch_size=num_images, process_index=0,
+        process_count=1).as_numpy_iterator())
+    images = batch["image"]
+    attention = jax.jit(lambda w, x: nnx.merge(graphdef, *w).backbone.last_self_attention(x))(
+        weights, images)
+    patch = model.backbone.patch_size
+    grid_h, grid_w = images.shape[1] // patch, images.shape[2] // patch
+    cls = np.asarray(attention)[:, :, 0, 1:].reshape(len(images), -1, grid_h, grid_w)
+    heads = cls.shape[1]
+    pixels = _unnormalize(images, data)
+    fig, axes = plt.subplots(len(images), heads + 1, figsize=(2 * (heads + 1), 2 * len(images)),
+                             squeeze=False)
+    extent = (0, grid_w * patch, grid_h * patch, 0)
+    for i in range(len(images)):
+        _show(axes[i, 0], pixels[i])
+        for h in range(heads):
+            _show(axes[i, h + 1], pixels[i])
+            axes[i, h + 1].imshow(cls[i, h], cmap="inferno", alpha=0.6, extent=extent,
+                                  interpolation="nearest")
+            if i == 0:
+                axes[i, h + 1].set_title(f"head {h}")
+    axes[0, 0].set_title("image")
+    fig.suptitle("CLS self-attention of the last block")
+    return _save(fig, workdir, "attention.png")
+
+
+def attention_target_and_source(z, z_teacher, *, num_global_crops: int, num_target_crops: int,
+                                sinkhorn_reg: float, temperature: float, sinkhorn_iters: int,
+                                positive_masking: bool):
+    """(P, A) [B*G, B*T] over the global views: the balanced target and the source softmax.
+
+    The matrices the BAM loss compares, built as `loss.bam_loss_and_metrics` builds them
+    (single device, before top-k): rows are the global views, columns the first T views of every
+    image (the teacher's when given), the image's own columns masked.
+    """
+    z = loss_lib._normalize(z)
+    z_t = z if z_teacher is None else loss_lib._normalize(z_teacher)
+    batch, dim = z.shape[0], z.shape[-1]
+    columns = z_t[:, :num_target_crops].reshape(-1, dim)
+    column_image = jnp.arange(columns.shape[0]) // num_target_crops
+    mask = (jnp.arange(batch)[:, None] == column_image[None, :])[:, None, :] & positive_masking
+    scores = jnp.einsum("bvd,cd->bvc", z[:, :num_global_crops], columns)
+    target = loss_lib.sinkhorn_target(
+        jnp.einsum("bvd,cd->bvc", z_t[:, :num_global_crops], columns),
+        sinkhorn_reg=sinkhorn_reg, sinkhorn_iters=sinkhorn_iters, mask=mask)
+    source = jax.nn.softmax(jnp.where(mask, -jnp.inf, scores / temperature), axis=-1)
+    return target.reshape(-1, columns.shape[0]), source.reshape(-1, columns.shape[0])
+
+
+def plot_target(config, graphdef, state, step: int, workdir: str, batch_size: int = 32) -> str:
+    """target.png: P and A of one batch of training crops, at the run's eps of `step`."""
+    batch = next(input_pipeline.create_pretrain_dataset(
+        config.data, global_batch_size=batch_size, seed=config.seed, process_index=0,
+        process_count=1).as_numpy_iterator())
+
+    def project(params, model_state):
+        model = nnx.merge(graphdef, params, model_state)
+        return model(batch["global_crops"], batch.get("local_crops"), deterministic=True)
+
+    z = jax.jit(project)(state.params, state.model_state)
+    z_teacher = None
+    if state.teacher_params is not None:
+        z_teacher = jax.jit(project)(state.teacher_params, state.teacher_model_state)
+    epoch_steps = max(input_pipeline.num_examples(config.data, config.data.train_split)
+                      // config.batch_size, 1)
+    schedules = train.make_schedules(config, epoch_steps, train.total_train_steps(config))
+    eps = float(schedules.sinkhorn_reg(step))
+    loss_cfg = config.loss
+    target, source = attention_target_and_source(
+        z, z_teacher, num_global_crops=config.data.global_crops_number,
+        num_target_crops=loss_cfg.num_target_crops, sinkhorn_reg=eps,
+        temperature=loss_cfg.temperature, sinkhorn_iters=loss_cfg.sinkhorn_iters,
+        positive_masking=loss_cfg.positive_masking)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.5))
+    for ax, matrix, title in ((axes[0], target, f"target P (Sinkhorn, eps {eps:.3g})"),
+                              (axes[1], source, f"source A (softmax, tau {loss_cfg.temperature})")):
+        shown = ax.imshow(np.asarray(matrix), cmap="viridis", interpolation="nearest")
+        ax.set(title=title, xlabel=f"column: image x {loss_cfg.num_target_crops} target views",
+               ylabel=f"row: image x {config.data.global_crops_number} global views")
+        fig.colorbar(shown, ax=ax, fraction=0.046)
+    fig.suptitle(f"{batch_size} training images at step {step}"
+                 + (" (teacher targets)" if z_teacher is not None else ""))
+    return _save(fig, workdir, "target.png")
+
+
+def _save(fig, workdir: str, name: str) -> str:
+    path = os.path.join(workdir, name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    print(f"wrote {path}", flush=True)
+    return path
+
+
+def make_pictures(workdir: str) -> list[str]:
+    """All pictures of a pretraining workdir; returns the paths written."""
+    paths = [plot_curves(workdir)]
+    config = knn_eval.read_run_config(workdir)
+    config.mesh.num_devices = 1  # a few images: one device, no sharding to think about
+    mesh = train.make_mesh(config)
+    graphdef, state, step = knn_eval.restore_run(config, workdir, mesh,
+                                                 fsdp_min_size=config.mesh.fsdp_min_size)
+    teacher = state.teacher_params is not None
+    weights = ((state.teacher_params, state.teacher_model_state) if teacher
+               else (state.params, state.model_state))
+    attention = plot_attention(config, graphdef, weights, workdir)
+    if attention is not None:
+        paths.append(attention)
+    paths.append(plot_target(config, graphdef, state, step, workdir))
+    return paths
+
+
+def _main(argv, workdir_flag):
+    del argv
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    try:
+        make_pictures(workdir_flag.value)
+    except (ValueError, OSError) as error:
+        print(knn_eval.error_line("bam_jax.pictures", error), file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+
+    _workdir = flags.DEFINE_string("workdir", None, "A pretraining workdir (python -m "
+                                   "bam_jax.main --workdir).", required=True)
+    app.run(lambda argv: _main(argv, _workdir))
