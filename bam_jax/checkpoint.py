@@ -16,8 +16,14 @@ from typing import Any
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
 
 _LOG = logging.getLogger(__name__)
+
+
+def workdir_path(workdir: str) -> epath.Path:
+    """A local folder or a bucket URI (gs://...): TPU VMs write their workdirs to buckets."""
+    return epath.Path(workdir if "://" in workdir else os.path.abspath(workdir))
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -28,7 +34,7 @@ class Checkpointer:
     """Async CheckpointManager over `workdir/checkpoints`, keeping the last `max_to_keep` steps."""
 
     def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True):
-        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        self.directory = workdir_path(workdir) / "checkpoints"
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(

@@ -29,8 +29,9 @@ def main(argv):
 
     from bam_jax import checkpoint, train
 
-    if _is_multi_process():
-        jax.distributed.initialize()
+    distributed = _distributed_kwargs()
+    if distributed is not None:
+        jax.distributed.initialize(**distributed)
     logging.getLogger("absl").setLevel(logging.WARNING)
     print(f"bam_jax: {jax.process_count()} process(es), {jax.device_count()} device(s) "
           f"({jax.devices()[0].platform}); workdir {_WORKDIR.value}", flush=True)
@@ -46,11 +47,25 @@ def main(argv):
           "  ".join(f"{k} {v:.4f}" for k, v in sorted(summary.items())), flush=True)
 
 
-def _is_multi_process() -> bool:
-    """True under a multi-host launcher (TPU pod slice, SLURM, or explicit coordinator)."""
-    return any(os.environ.get(name) for name in (
-        "JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"))\
-        and os.environ.get("BAM_JAX_SINGLE_PROCESS") is None
+def _distributed_kwargs() -> dict[str, int] | None:
+    """`jax.distributed.initialize` arguments under a multi-process launch, else None.
+
+    - JAX_COORDINATOR_ADDRESS (launch/gpu_multinode.sh, or any launcher): JAX reads the address
+      itself but not the process count and id, so they are passed from JAX_NUM_PROCESSES and
+      JAX_PROCESS_ID.
+    - An `srun` step with several tasks (SLURM_STEP_NODELIST is only set inside a step) and
+      BAM_JAX_DISTRIBUTED=1 (launch/tpu_vm_train.sh on TPU pod slices): JAX detects the rest.
+    """
+    env = os.environ
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        return {key: int(env[name]) for key, name in (("num_processes", "JAX_NUM_PROCESSES"),
+                                                     ("process_id", "JAX_PROCESS_ID"))
+                if env.get(name)}
+    if env.get("SLURM_STEP_NODELIST") and int(env.get("SLURM_NTASKS", "1")) > 1:
+        return {}
+    if env.get("BAM_JAX_DISTRIBUTED") == "1":
+        return {}
+    return None
 
 
 if __name__ == "__main__":

@@ -111,28 +111,29 @@ def sincos_pos_embed(grid_h: int, grid_w: int, dim: int, temperature: float = 10
     return np.concatenate([np.zeros((1, dim), np.float32), table], axis=0).astype(np.float32)
 
 
-def _cubic_weight(x: np.ndarray, a: float = -0.75) -> np.ndarray:
+def _cubic_weight(x: np.ndarray, a: float = -0.5) -> np.ndarray:
     x = np.abs(x)
     near = ((a + 2) * x - (a + 3)) * x * x + 1
-    far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
-    return np.where(x <= 1, near, np.where(x < 2, far, 0.0))
+    far = (((x - 5) * x + 8) * x - 4) * a
+    return np.where(x < 1, near, np.where(x < 2, far, 0.0))
 
 
 def bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
-    """[out, in] matrix reproducing torch ``F.interpolate(mode='bicubic', align_corners=False)``.
+    """[out, in] matrix reproducing torch ``F.interpolate(mode='bicubic', antialias=True)``.
 
-    torch uses the cubic convolution kernel with a=-0.75 (jax.image.resize uses
-    a=-0.5), a half-pixel source coordinate that is *not* clamped, and clamps
-    the 4 tap indices to the border. 2-D bicubic is the product of two of these.
+    That is how the official ViT (timm's ``resample_abs_pos_embed``) resizes its position table
+    for crops of another size: a cubic kernel with a=-0.5, widened by the scale when shrinking
+    (antialiasing), taps renormalised at the borders. 2-D bicubic is the product of two of these.
     """
     scale = in_size / out_size
-    src = (np.arange(out_size, dtype=np.float64) + 0.5) * scale - 0.5
-    base = np.floor(src)
-    t = src - base
+    support, inverse_scale = (2.0 * scale, 1.0 / scale) if scale >= 1.0 else (2.0, 1.0)
     mat = np.zeros((out_size, in_size), np.float64)
-    for tap in range(-1, 3):
-        idx = np.clip(base + tap, 0, in_size - 1).astype(np.int64)
-        np.add.at(mat, (np.arange(out_size), idx), _cubic_weight(t - tap))
+    for i in range(out_size):
+        center = scale * (i + 0.5)
+        lo = max(int(center - support + 0.5), 0)
+        hi = min(int(center + support + 0.5), in_size)
+        weights = _cubic_weight((np.arange(lo, hi) - center + 0.5) * inverse_scale)
+        mat[i, lo:hi] = weights / weights.sum()
     return mat.astype(np.float32)
 
 

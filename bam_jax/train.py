@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 import optax
 from clu import metric_writers
+from etils import epath
 from flax import nnx
 
 from bam_jax import checkpoint as checkpoint_lib
@@ -289,8 +290,8 @@ class MetricsLogger:
     def __init__(self, workdir: str, total_steps: int, global_batch: int):
         self._is_main = jax.process_index() == 0
         self._writer = metric_writers.create_default_writer(
-            workdir, just_logging=not self._is_main, asynchronous=True)
-        self._jsonl_path = os.path.join(workdir, "metrics.jsonl")
+            str(checkpoint_lib.workdir_path(workdir)), just_logging=not self._is_main, asynchronous=True)
+        self._jsonl_path = checkpoint_lib.workdir_path(workdir) / "metrics.jsonl"
         self._total_steps = total_steps
         self._global_batch = global_batch
         self._last_time = time.perf_counter()
@@ -321,12 +322,21 @@ class MetricsLogger:
     def write(self, step: int, metrics: dict[str, float]) -> None:
         self._writer.write_scalars(step, metrics)
         if self._is_main:
-            with open(self._jsonl_path, "a") as f:
-                f.write(json.dumps({"step": step, **metrics}) + "\n")
+            append_line(self._jsonl_path, json.dumps({"step": step, **metrics}))
 
     def close(self) -> None:
         self._writer.flush()
         self._writer.close()
+
+
+def append_line(path: epath.Path, line: str) -> None:
+    """Append to a local file; object stores cannot append, so there the file is rewritten."""
+    if "://" in str(path):
+        previous = path.read_text() if path.exists() else ""
+        path.write_text(previous + line + "\n")
+    else:
+        with path.open("a") as f:
+            f.write(line + "\n")
 
 
 def _format_seconds(seconds: float) -> str:
@@ -389,7 +399,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     Returns the final host metrics (train metrics of the last logged step and the kNN results).
     """
-    os.makedirs(workdir, exist_ok=True)
+    checkpoint_lib.workdir_path(workdir).mkdir(parents=True, exist_ok=True)
     mesh = make_mesh(config)
     input_pipeline.check_global_batch(config.batch_size, mesh, BATCH_AXES)
     epoch_steps = steps_per_epoch(config)
@@ -484,8 +494,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 def _save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+        (checkpoint_lib.workdir_path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
 
 
 def _print_memory_analysis(compiled) -> None:

@@ -62,7 +62,7 @@ gcloud_args=(--zone="$zone" --worker=all)
 main_args=$(printf '%q ' "--config=$config" "--workdir=$workdir" "${overrides[@]}")
 qlog=$(printf '%q' "$log")
 # setsid + redirected stdio: the job outlives the ssh session; its pid is kept for tpu_vm_stop.sh.
-remote="cd $(printf '%q' "$dir") && { setsid nohup .venv/bin/python -m bam_jax.main ${main_args}\
+remote="cd $(printf '%q' "$dir") && { BAM_JAX_DISTRIBUTED=1 setsid nohup .venv/bin/python -m bam_jax.main ${main_args}\
 > $qlog 2>&1 < /dev/null & echo \$! > train.pid; } && echo \"worker \$(hostname): started pid \$(cat train.pid)\""
 cmd=(gcloud compute tpus tpu-vm ssh "$name" "${gcloud_args[@]}" --command="$remote")
 if [[ "$dry_run" == 1 ]]; then

@@ -64,12 +64,12 @@ class TorchViT(nn.Module):
     """timm VisionTransformer's state-dict names and forward (CLS, dynamic_img_size=True).
 
     Other crop sizes resample pos_embed like timm's `resample_abs_pos_embed` (the official BAM
-    ViT): F.interpolate bicubic with `antialias` (timm's default is True).
+    ViT): F.interpolate bicubic with antialias=True (timm's default).
     """
 
-    def __init__(self, *, layer_scale=False, antialias=True):
+    def __init__(self, *, layer_scale=False):
         super().__init__()
-        self.grid, self.antialias = IMG // PATCH, antialias
+        self.grid = IMG // PATCH
         self.patch_embed = nn.Module()
         self.patch_embed.proj = nn.Conv2d(3, DIM, PATCH, PATCH)
         self.cls_token = nn.Parameter(torch.randn(1, 1, DIM))
@@ -89,7 +89,7 @@ class TorchViT(nn.Module):
         pos = self.pos_embed
         if (gh, gw) != (self.grid, self.grid):
             grid = pos[:, 1:].reshape(1, self.grid, self.grid, d).permute(0, 3, 1, 2)
-            grid = F.interpolate(grid, size=(gh, gw), mode="bicubic", antialias=self.antialias)
+            grid = F.interpolate(grid, size=(gh, gw), mode="bicubic", antialias=True)
             pos = torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, gh * gw, d)], dim=1)
         x = torch.cat([self.cls_token.expand(b, -1, -1), x], dim=1) + pos
         for block in self.blocks:
@@ -159,16 +159,10 @@ def test_official_bam_layout_and_unused_keys_are_reported(nets, tmp_path, caplog
     np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("antialias", [
-    False,
-    pytest.param(True, marks=pytest.mark.xfail(strict=True, reason=(
-        "official BAM resamples pos_embed with timm resample_abs_pos_embed (bicubic, "
-        "antialias=True: a=-0.5 kernel, widened when shrinking); models.py does torch bicubic "
-        "without antialias, so features differ away from the native crop size"))),
-])
 @pytest.mark.parametrize("size", [48, 24])
-def test_other_crop_sizes(nets, teacher_jax, size, antialias):
-    reference = TorchViT(antialias=antialias)
+def test_other_crop_sizes(nets, teacher_jax, size):
+    """The official timm resampling of the position table (bicubic, antialias=True)."""
+    reference = TorchViT()
     reference.load_state_dict(nets[0].state_dict())
     ours, theirs = _features(teacher_jax, reference, size)
     np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=1e-4)

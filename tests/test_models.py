@@ -145,7 +145,7 @@ def test_bicubic_matches_torch():
     for gh, gw in [(6, 6), (4, 9), (20, 17)]:
         ref = torch.nn.functional.interpolate(
             torch.from_numpy(grid).permute(2, 0, 1)[None], size=(gh, gw), mode='bicubic',
-            align_corners=False, antialias=False)[0].permute(1, 2, 0).reshape(gh * gw, 16).numpy()
+            align_corners=False, antialias=True)[0].permute(1, 2, 0).reshape(gh * gw, 16).numpy()
         ours = np.asarray(vit.interpolated_pos_embed(gh, gw))[1:]
         np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
 
