@@ -14,7 +14,7 @@ single-device values.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -135,7 +135,16 @@ def bam_loss_and_metrics(z: jax.Array, **kwargs: Any) -> tuple[jax.Array, dict[s
     return _loss_and_metrics(z, **kwargs)
 
 
-def _loss_and_metrics(
+class AttentionMatrices(NamedTuple):
+    """What the loss compares, for this device's images (C = global columns)."""
+
+    target: jax.Array  # P [B, G, C]: balanced target of the global views (after top-k)
+    log_source: jax.Array  # log A [B, V, C]: log-softmax attention of every view
+    scores: jax.Array  # S [B, V, C]: cosine similarities
+    mask: jax.Array  # [B, 1, C]: True on the image's own columns (positive masking)
+
+
+def attention_matrices(
     z: jax.Array,
     *,
     num_global_crops: int,
@@ -147,7 +156,12 @@ def _loss_and_metrics(
     top_k: int = 0,
     positive_masking: bool = True,
     axis_name: AxisName = None,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
+) -> AttentionMatrices:
+    """The balanced target P and the source attention A of `bam_loss` (arguments as there).
+
+    Sinkhorn runs over the rows of *all* views (the teacher's when given), as the official code
+    does, and P keeps the global views' rows.
+    """
     if z.ndim != 3:
         raise ValueError(f"z must be [batch, views, dim], got shape {z.shape}")
     batch, num_views, _ = z.shape
@@ -164,10 +178,10 @@ def _loss_and_metrics(
             f"z_teacher {z_teacher.shape} must hold the same images as z {z.shape} and at least "
             f"the {num_global} global views")
 
-    axes = _axis_tuple(axis_name)
     z = _normalize(z)
     z_t = None if z_teacher is None else _normalize(jax.lax.stop_gradient(z_teacher))
     columns = (z if z_t is None else z_t)[:, :num_target]  # [B, T, D]
+    axes = _axis_tuple(axis_name)
     if axes:
         columns = jax.lax.all_gather(columns, axes, axis=0, tiled=True)
     global_batch = columns.shape[0]
@@ -189,9 +203,15 @@ def _loss_and_metrics(
                         mask=mask, axis_name=axis_name)[:, :num_global]  # [B, G, C]
     if top_k > 0:
         p = _keep_top_k(p, top_k)
-    p = jax.lax.stop_gradient(p)
-
     log_a = jax.nn.log_softmax(jnp.where(mask, -jnp.inf, scores / temperature), axis=-1)
+    return AttentionMatrices(jax.lax.stop_gradient(p), log_a, scores, mask)
+
+
+def _loss_and_metrics(z: jax.Array, *, axis_name: AxisName = None,
+                      **kwargs: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
+    p, log_a, scores, mask = attention_matrices(z, axis_name=axis_name, **kwargs)
+    batch, num_views, num_columns = scores.shape
+    num_global = p.shape[1]
     # Cross-entropy of every (target global view g, source view v) pair, averaged over images.
     # Masked entries carry P = 0 exactly and log A = -inf; zeroing log A there avoids 0 * inf.
     log_a_finite = jnp.where(mask, 0.0, log_a)
@@ -204,10 +224,13 @@ def _loss_and_metrics(
     loss = jnp.sum(cross_entropy * pair_weight) / num_global
 
     column_sums = jnp.sum(p, axis=(0, 1))
+    axes = _axis_tuple(axis_name)
     if axes:
         column_sums = jax.lax.psum(column_sums, axes)
     unmasked = ~jnp.broadcast_to(mask, scores.shape)
-    num_unmasked = num_columns - (num_target if positive_masking else 0)
+    # Each row masks exactly its own image's T columns.
+    num_target = kwargs.get("num_target_crops") or kwargs["num_global_crops"]
+    num_unmasked = num_columns - (num_target if kwargs.get("positive_masking", True) else 0)
     metrics = {
         "target_entropy": _entropy(p, jnp.log(jnp.where(p > 0, p, 1.0))),
         "source_entropy": _entropy(jnp.exp(log_a), log_a),

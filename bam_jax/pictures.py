@@ -105,29 +105,6 @@ def plot_attention(config, graphdef, weights, workdir: str, num_images: int = 4)
     return _save(fig, workdir, "attention.png")
 
 
-def attention_target_and_source(z, z_teacher, *, num_global_crops: int, num_target_crops: int,
-                                sinkhorn_reg: float, temperature: float, sinkhorn_iters: int,
-                                positive_masking: bool):
-    """(P, A) [B*G, B*T] over the global views: the balanced target and the source softmax.
-
-    The matrices the BAM loss compares, built as `loss.bam_loss_and_metrics` builds them
-    (single device, before top-k): rows are the global views, columns the first T views of every
-    image (the teacher's when given), the image's own columns masked.
-    """
-    z = loss_lib._normalize(z)
-    z_t = z if z_teacher is None else loss_lib._normalize(z_teacher)
-    batch, dim = z.shape[0], z.shape[-1]
-    columns = z_t[:, :num_target_crops].reshape(-1, dim)
-    column_image = jnp.arange(columns.shape[0]) // num_target_crops
-    mask = (jnp.arange(batch)[:, None] == column_image[None, :])[:, None, :] & positive_masking
-    scores = jnp.einsum("bvd,cd->bvc", z[:, :num_global_crops], columns)
-    target = loss_lib.sinkhorn_target(
-        jnp.einsum("bvd,cd->bvc", z_t[:, :num_global_crops], columns),
-        sinkhorn_reg=sinkhorn_reg, sinkhorn_iters=sinkhorn_iters, mask=mask)
-    source = jax.nn.softmax(jnp.where(mask, -jnp.inf, scores / temperature), axis=-1)
-    return target.reshape(-1, columns.shape[0]), source.reshape(-1, columns.shape[0])
-
-
 def plot_target(config, graphdef, state, step: int, workdir: str, batch_size: int = 32) -> str:
     """target.png: P and A of one batch of training crops, at the run's eps of `step`."""
     batch = next(input_pipeline.create_pretrain_dataset(
@@ -147,11 +124,15 @@ def plot_target(config, graphdef, state, step: int, workdir: str, batch_size: in
     schedules = train.make_schedules(config, epoch_steps, train.total_train_steps(config))
     eps = float(schedules.sinkhorn_reg(step))
     loss_cfg = config.loss
-    target, source = attention_target_and_source(
-        z, z_teacher, num_global_crops=config.data.global_crops_number,
+    matrices = loss_lib.attention_matrices(
+        z, z_teacher=z_teacher, num_global_crops=config.data.global_crops_number,
         num_target_crops=loss_cfg.num_target_crops, sinkhorn_reg=eps,
         temperature=loss_cfg.temperature, sinkhorn_iters=loss_cfg.sinkhorn_iters,
         positive_masking=loss_cfg.positive_masking)
+    num_columns = matrices.scores.shape[-1]
+    target = matrices.target.reshape(-1, num_columns)  # rows: image x global view
+    source = jnp.exp(matrices.log_source[:, :config.data.global_crops_number]).reshape(
+        -1, num_columns)
     fig, axes = plt.subplots(1, 2, figsize=(12, 5.5))
     for ax, matrix, title in ((axes[0], target, f"target P (Sinkhorn, eps {eps:.3g})"),
                               (axes[1], source, f"source A (softmax, tau {loss_cfg.temperature})")):

@@ -157,6 +157,17 @@ def test_sinkhorn_rows_sum_to_one_and_masked_entries_are_zero():
     assert spreads[-1] < 1e-3
 
 
+def test_attention_matrices_are_distributions_with_own_image_masked():
+    z = jax.random.normal(jax.random.key(0), (6, 3, 8))
+    matrices = bam_jax.attention_matrices(z, num_global_crops=2, top_k=4)
+    target = matrices.target.reshape(12, 12)  # rows: image x global view
+    source = jnp.exp(matrices.log_source[:, :2]).reshape(12, 12)
+    for matrix in (target, source):
+        np.testing.assert_allclose(matrix.sum(axis=1), 1.0, rtol=1e-5)
+        assert float(matrix[0, :2].max()) == 0.0 and float(matrix[3, 2:4].max()) == 0.0
+    assert int(jnp.max(jnp.sum(target > 0, axis=1))) <= 4  # top-k
+
+
 def test_loss_is_invariant_to_permuting_images():
     z, zt = _inputs(4, 10, 4, 16, teacher_views=4)
     perm = np.random.default_rng(0).permutation(10)
