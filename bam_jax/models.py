@@ -58,7 +58,7 @@ def default_model_config() -> ml_collections.ConfigDict:
     and the three explicit fields are ignored.
     """
     cfg = ml_collections.ConfigDict()
-    cfg.backbone = 'vit'  # 'vit' | 'convnet'
+    cfg.backbone = 'vit'  # 'vit' | 'convnet' | 'pixels' (the raw-pixel baseline)
     cfg.vit_variant = 'small'  # 'tiny' | 'small' | 'base' | 'large' | 'custom'
     cfg.width = 384
     cfg.depth = 12
@@ -386,6 +386,26 @@ class ConvNet(nnx.Module):
         return self(x, deterministic=True)
 
 
+class Pixels(nnx.Module):
+    """The raw-pixel baseline as a backbone without parameters: the flattened image.
+
+    kNN and the linear probe then measure what the pixels alone know, with the same commands
+    that evaluate a pretrained backbone (`--random_init` with `model.backbone='pixels'`).
+    """
+
+    def __init__(self, *, image_size: int, in_channels: int):
+        self.embed_dim = image_size * image_size * in_channels
+
+    def feature_dim(self, n_last_blocks: int = 1, avgpool: bool = False) -> int:
+        return self.embed_dim
+
+    def __call__(self, x, *, deterministic: bool = True) -> jax.Array:
+        return x.reshape(x.shape[0], -1).astype(jnp.float32)
+
+    def features(self, x, *, n_last_blocks: int = 1, avgpool: bool = False) -> jax.Array:
+        return self(x)
+
+
 # ----------------------------------------------------------------------------
 # Projector and multi-crop wrapper
 # ----------------------------------------------------------------------------
@@ -493,6 +513,8 @@ def build_model(model_config: ml_collections.ConfigDict, *, num_channels: int, i
         backbone = ConvNet(in_channels=num_channels, channels=tuple(cfg.convnet.channels),
                            strides=tuple(cfg.convnet.strides), norm=cfg.convnet.norm,
                            dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    elif cfg.backbone == 'pixels':
+        backbone = Pixels(image_size=image_size, in_channels=num_channels)
     else:
         raise ValueError(f'unknown backbone {cfg.backbone!r}')
     p = cfg.projector

@@ -49,7 +49,7 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
 def model_config(**overrides) -> ml_collections.ConfigDict:
     """`config.model`: backbone + projector (official models/vit.py and models/heads.py)."""
     model = ml_collections.ConfigDict(dict(
-        backbone="vit",  # "vit" | "convnet"
+        backbone="vit",  # "vit" | "convnet" | "pixels" (the raw-pixel baseline, no parameters)
         vit_variant="small",  # "tiny" | "small" | "base" | "large" | "custom"
         width=384,  # used when vit_variant="custom"
         depth=12,

@@ -326,3 +326,14 @@ def test_functional_split_jit_merge_roundtrip():
                                rtol=1e-5, atol=1e-5)
     # same state in -> same output out (pure function of the state)
     np.testing.assert_array_equal(train_forward(state)[0], z1)
+
+
+def test_pixels_backbone_is_the_flattened_image():
+    cfg = M.default_model_config()
+    cfg.backbone = 'pixels'
+    cfg.projector.update(hidden_dim=16, out_dim=8)
+    model = M.build_model(cfg, num_channels=1, image_size=28, rngs=nnx.Rngs(0))
+    x = _images((3, 28, 28, 1))
+    np.testing.assert_array_equal(model.embed(x), x.reshape(3, -1))
+    assert model(x[:, None], deterministic=True).shape == (3, 1, 8)
+    assert not jax.tree.leaves(nnx.state(model.backbone, nnx.Param))
