@@ -1,0 +1,136 @@
+"""Two processes on localhost (2 CPU devices each) train as one process with 4 devices.
+
+`python -m bam_jax.main` is started twice with the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+JAX_PROCESS_ID contract of `main._distributed_kwargs`; jax 0.10.2 uses gloo for CPU collectives
+across processes by default, so nothing else is set.
+
+The reference sees the same global batches: the pipeline gives each process a contiguous block of
+the epoch's permutation (process i reads rows [i * N/2, (i + 1) * N/2)), so the 2-process global
+batch of step s is (rows s*16.. of block 0) + (rows s*16.. of block 1), not rows s*32.. of the
+single-process stream. The reference therefore trains in this process on the per-step
+concatenation of the two per-process streams, which `create_pretrain_dataset` builds with
+explicit `process_index` / `process_count`.
+"""
+
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import tensorflow as tf
+
+from bam_jax import input_pipeline, train
+from test_train import assert_trees_close, read_metrics, read_state
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 4
+
+TINY_CONFIG = f'''
+from configs import default
+
+
+def get_config():
+    config = default.get_config()
+    config.batch_size = 32
+    config.num_train_steps = {STEPS}
+    config.model.convnet.channels = (8, 16)
+    config.model.convnet.strides = (2, 2)
+    config.model.projector.update(hidden_dim=64, out_dim=32)
+    config.knn.enabled = False
+    config.log_every_steps = 1
+    config.checkpoint_every_steps = 1000  # only the final step is saved
+    config.async_checkpointing = False
+    return config
+'''
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def load_config(path):
+    spec = importlib.util.spec_from_file_location("tiny_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def start_process(process_id, port, config_path, workdir, log_path):
+    env = dict(os.environ, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+               JAX_PROCESS_ID=str(process_id), JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    # A log file, not a pipe: a full pipe would block the child while this process trains.
+    with open(log_path, "w") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "bam_jax.main", f"--config={config_path}",
+             f"--workdir={workdir}"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def two_process_stream(original):
+    """What the 2-process run's global batches hold, as one single-process stream."""
+
+    def create(data_config, *, global_batch_size, seed, start_step=0):
+        shards = [original(data_config, global_batch_size=global_batch_size, seed=seed,
+                           start_step=start_step, process_index=i, process_count=2)
+                  for i in range(2)]
+        return tf.data.Dataset.zip(*shards).map(
+            lambda a, b: {key: tf.concat([a[key], b[key]], axis=0) for key in a})
+
+    return create
+
+
+def test_two_processes_train_as_one(tmp_path, monkeypatch):
+    try:
+        port = free_port()
+    except OSError as error:
+        pytest.skip(f"no TCP on localhost for the JAX coordinator: {error}")
+    config_path = tmp_path / "tiny.py"
+    config_path.write_text(TINY_CONFIG)
+    multi = str(tmp_path / "multi")
+    logs = [tmp_path / f"process{i}.log" for i in range(2)]
+    processes = [start_process(i, port, config_path, multi, logs[i]) for i in range(2)]
+    try:
+        # The reference trains here while the two processes run: 3 processes on the CPU cores.
+        config = load_config(config_path)
+        config.mesh.num_devices = 4
+        monkeypatch.setattr(input_pipeline, "create_pretrain_dataset",
+                            two_process_stream(input_pipeline.create_pretrain_dataset))
+        single = str(tmp_path / "single")
+        assert train.train_and_evaluate(config, single)["step"] == STEPS
+        codes = [p.wait(timeout=300) for p in processes]
+    except subprocess.TimeoutExpired:
+        pytest.fail("the 2-process run hung:\n" + "\n".join(
+            f"--- process {i}\n{log.read_text()[-3000:]}" for i, log in enumerate(logs)))
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    outputs = [log.read_text() for log in logs]
+    for i, (code, output) in enumerate(zip(codes, outputs)):
+        assert code == 0, f"process {i} exited {code}:\n{output[-4000:]}"
+        assert "bam_jax: 2 process(es), 4 device(s) (cpu)" in output, output[-4000:]
+        assert f"done: step {STEPS}" in output, output[-4000:]
+    assert "step 1/" in outputs[0] and "step 1/" not in outputs[1]  # console: process 0 only
+
+    # Both processes share the workdir: one row per step means only process 0 wrote it.
+    with open(os.path.join(multi, "metrics.jsonl")) as f:
+        assert sum(1 for _ in f) == STEPS
+    multi_metrics, single_metrics = read_metrics(multi), read_metrics(single)
+    assert sorted(multi_metrics) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
+        np.testing.assert_allclose(multi_metrics[step]["loss"], single_metrics[step]["loss"],
+                                   rtol=1e-4)
+    reference = read_state(single, STEPS)
+    # The 2-process checkpoint names devices this process lacks: restore it onto the reference's.
+    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, reference)
+    restored = ocp.StandardCheckpointer().restore(
+        os.path.join(multi, "checkpoints", str(STEPS), "state"), target)
+    assert_trees_close(restored["params"], reference["params"], rtol=1e-3, atol=2e-5)
