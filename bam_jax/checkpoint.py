@@ -65,16 +65,14 @@ class Checkpointer:
             try:
                 restored = self._manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract_state)))
-            except (ValueError, KeyError, TypeError) as error:
-                if _is_structure_mismatch(error):
+            except Exception as error:  # noqa: BLE001 - any damaged file: fall back, say why
+                # Another model only when the step's own metadata is intact and describes other
+                # arrays; a torn step (missing or truncated files) is never mistaken for one.
+                if _saved_arrays_differ(self.directory / str(step) / "state", abstract_state):
                     raise IncompatibleCheckpointError(
                         f"the checkpoint in {self.directory} (step {step}) does not match the "
                         f"configured model; use a new --workdir or the config it was trained with"
                     ) from error
-                _LOG.warning("checkpoint step %d is unreadable (%s); trying the previous one",
-                             step, _first_line(error))
-                continue
-            except Exception as error:  # noqa: BLE001 - any damaged file: fall back, say why
                 _LOG.warning("checkpoint step %d is unreadable (%s); trying the previous one",
                              step, _first_line(error))
                 continue
@@ -98,10 +96,23 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def _is_structure_mismatch(error: BaseException) -> bool:
-    text = str(error).lower()
-    return any(marker in text for marker in (
-        "tree structure", "shape", "does not match", "mismatch", "not found in", "missing"))
+def _saved_arrays_differ(state_dir: epath.Path, abstract_state: Any) -> bool:
+    """Whether a step's readable metadata lists other (shape, dtype) arrays than the state's.
+
+    False when the metadata itself cannot be read: that step is damaged, not another model.
+    """
+    try:
+        metadata = ocp.StandardCheckpointHandler().metadata(state_dir)
+    except Exception:  # noqa: BLE001
+        return False
+    saved = jax.tree.leaves(getattr(metadata, "tree", metadata))
+    if not saved or not all(hasattr(m, "shape") and hasattr(m, "dtype") for m in saved):
+        return False
+
+    def signature(leaves):
+        return sorted((tuple(x.shape), str(x.dtype)) for x in leaves)
+
+    return signature(saved) != signature(jax.tree.leaves(abstract_state))
 
 
 def abstract_with_shardings(state: Any, shardings: Any) -> Any:

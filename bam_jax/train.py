@@ -399,6 +399,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     Returns the final host metrics (train metrics of the last logged step and the kNN results).
     """
+    # SIGTERM is caught from the start: one during restore or compilation also stops cleanly.
+    with _Preemption() as preemption:
+        return _train_and_evaluate(config, workdir, preemption)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                        preemption: _Preemption) -> dict[str, Any]:
     checkpoint_lib.workdir_path(workdir).mkdir(parents=True, exist_ok=True)
     mesh = make_mesh(config)
     input_pipeline.check_global_batch(config.batch_size, mesh, BATCH_AXES)
@@ -420,6 +427,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         workdir, max_to_keep=config.keep_checkpoints, async_save=config.async_checkpointing)
     restored = checkpointer.restore_latest(
         checkpoint_lib.abstract_with_shardings(abstract_state, shardings))
+    if restored is None and checkpointer.all_steps():
+        # Never start afresh over checkpoints it cannot read: its saves would be refused or
+        # would replace them.
+        raise ValueError(f"none of the checkpoints {checkpointer.all_steps()} in "
+                         f"{checkpointer.directory} could be read (see the warnings above); "
+                         f"move them away or use a new --workdir")
     if restored is None:
         state = jax.jit(make_state, out_shardings=shardings)()
         _LOG.info("initialised a new model in %s", workdir)
@@ -457,9 +470,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         logger.write(0, results)
         final.update(results)
         print("kNN at init: " + "  ".join(f"{k} {v:.2f}" for k, v in results.items()), flush=True)
-    with _Preemption() as preemption:
+    # finally: an asynchronous save in flight completes even when the loop raises (a
+    # non-finite loss), so the last good checkpoint is never left half-written.
+    try:
         batch = first_batch
         while step < total_steps:
+            if preemption.requested and step == start_step:  # SIGTERM before the first step
+                print(f"SIGTERM before the first step: nothing new to save (the last checkpoint "
+                      f"is step {last_saved}); rerun the same command to resume", flush=True)
+                break
             with jax.set_mesh(mesh):
                 state, metrics = compiled_step(state, batch)
             step += 1
@@ -486,7 +505,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 break
             if not is_last:
                 batch = next(batches)
-    checkpointer.close()
+    finally:
+        checkpointer.close()
     logger.close()
     final["step"] = step
     return final

@@ -1,0 +1,494 @@
+"""Faults and bad input, each an automated test (the table is docs/faults.md).
+
+The kill / SIGTERM chain runs `python -m bam_jax.main` in subprocesses; the rest calls the same
+`bam_jax.main.main` in-process (flags parsed from an argv list, `SystemExit` caught) to spare the
+~10 s of imports per case. Every run is the tiny ConvNet below: 8 steps of 32 MNIST digits.
+"""
+
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import types
+
+import jax
+import numpy as np
+import pytest
+import tensorflow as tf
+from absl import flags
+
+from bam_jax import checkpoint as checkpoint_lib
+from bam_jax import input_pipeline, linear_probe, train
+from bam_jax import main as bam_main
+from test_train import assert_trees_close, read_metrics, read_state, resume_from, tiny_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 8
+TINY_CONFIG = '''
+from configs import default
+
+def get_config():
+    config = default.get_config()
+    config.batch_size = 32
+    config.num_train_steps = 8
+    config.model.backbone = "convnet"
+    config.model.convnet.channels = (8, 16)
+    config.model.convnet.strides = (2, 2)
+    config.model.projector.update(hidden_dim=64, out_dim=32)
+    config.teacher.enabled = False
+    config.loss.top_k = 16
+    config.knn.enabled = False
+    config.log_every_steps = 1
+    config.checkpoint_every_steps = 2
+    config.async_checkpointing = True
+    return config
+'''
+
+
+def _env():
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
+               XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH")]))
+    return env
+
+
+class Run:
+    """`python -m bam_jax.main` in the background, stdout and stderr to files in `log_dir`."""
+
+    def __init__(self, config_file, workdir, log_dir, name, *overrides):
+        self.out, self.err = (os.path.join(log_dir, f"{name}.{s}") for s in ("out", "err"))
+        self.workdir = workdir
+        with open(self.out, "w") as out, open(self.err, "w") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "bam_jax.main", f"--config={config_file}",
+                 f"--workdir={workdir}", *overrides], cwd=REPO, env=_env(), stdout=out,
+                stderr=err)
+
+    def stdout(self):
+        with open(self.out) as f:
+            return f.read()
+
+    def stderr(self):
+        with open(self.err) as f:
+            return f.read()
+
+    def wait_for(self, condition, timeout=240):
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert self.proc.poll() is None, f"exited early:\n{self.stdout()}\n{self.stderr()}"
+            assert time.monotonic() < deadline, "timed out"
+            time.sleep(0.005)
+
+    def finish(self, timeout=300):
+        self.proc.wait(timeout=timeout)
+        return self.proc.returncode
+
+
+def _tmp_dirs(workdir):
+    return glob.glob(os.path.join(workdir, "checkpoints", "*orbax-checkpoint-tmp*"))
+
+
+def _steps(workdir):
+    names = os.listdir(os.path.join(workdir, "checkpoints"))
+    return sorted(int(n) for n in names if n.isdigit())
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("config") / "tiny.py"
+    path.write_text(TINY_CONFIG)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory, config_file):
+    """An uninterrupted run, and the same command SIGKILLed mid-save, SIGTERMed, rerun."""
+    root = tmp_path_factory.mktemp("chain")
+    logs = str(root)
+    full, killed = str(root / "full"), str(root / "killed")
+    reference = Run(config_file, full, logs, "full")
+    # 1. SIGKILL while the asynchronous save of step 4 is being written: its tmp dir exists.
+    first = Run(config_file, killed, logs, "kill")
+    first.wait_for(lambda: any("/4." in p for p in _tmp_dirs(killed))
+                   or 5 in read_metrics_safe(killed))
+    first.proc.send_signal(signal.SIGKILL)
+    first.finish()
+    after_kill = {"tmp": _tmp_dirs(killed), "steps": _steps(killed),
+                  "metrics": sorted(read_metrics_safe(killed))}
+    # 2. The same command resumes; SIGTERM once it has logged step 5 again.
+    second = Run(config_file, killed, logs, "term")
+    second.wait_for(lambda: "step 5/8" in second.stdout())
+    second.proc.send_signal(signal.SIGTERM)
+    term_rc = second.finish()
+    after_term = {"steps": _steps(killed), "metrics": sorted(read_metrics_safe(killed)),
+                  "stdout": second.stdout(), "stderr": second.stderr()}
+    # 3. The same command again finishes the run.
+    third = Run(config_file, killed, logs, "finish")
+    finish_rc = third.finish()
+    assert reference.finish() == 0, reference.stderr()
+    return types.SimpleNamespace(
+        full=full, killed=killed, after_kill=after_kill, term_rc=term_rc, after_term=after_term,
+        finish_rc=finish_rc, second=second, third=third)
+
+
+def read_metrics_safe(workdir):
+    try:
+        return read_metrics(workdir)
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def test_sigkill_mid_save_resumes_bitwise(chain):
+    # Killed right after step 4 logged, while its save was in flight: no step 4 was committed
+    # (or, if the write won the race, it is complete); the rerun starts from the last complete one.
+    resumed = [l for l in chain.second.stdout().splitlines() if l.startswith("resumed from")]
+    assert resumed, chain.second.stdout()
+    resumed_step = int(resumed[0].split("step ")[1].split()[0])
+    assert resumed_step == max(chain.after_kill["steps"]) in (2, 4)
+    assert chain.finish_rc == 0, chain.third.stderr()
+    assert _steps(chain.killed) == _steps(chain.full) == [4, 6, 8]
+    assert not _tmp_dirs(chain.killed)
+    # Same device count on CPU: the final state is bitwise that of the uninterrupted run.
+    assert_trees_close(read_state(chain.full, 8), read_state(chain.killed, 8), rtol=0, atol=0)
+
+
+def test_resumed_losses_equal_the_uninterrupted_run(chain):
+    full = read_metrics(chain.full)
+    with open(os.path.join(chain.killed, "metrics.jsonl")) as f:
+        rows = [r for r in map(json.loads, f) if "loss" in r]
+    assert sorted({r["step"] for r in rows}) == list(range(1, STEPS + 1))
+    for row in rows:  # steps logged twice (done again after the kill) agree too
+        assert row["loss"] == full[row["step"]]["loss"], row["step"]
+
+
+def test_sigterm_saves_the_last_step_and_exits_cleanly(chain):
+    assert chain.term_rc == 0, chain.after_term["stderr"]
+    last_done = max(chain.after_term["metrics"])
+    assert f"SIGTERM: saved step {last_done} and stopped" in chain.after_term["stdout"]
+    assert max(chain.after_term["steps"]) == last_done >= 5
+    assert f"resumed from the checkpoint of step {last_done}" in chain.third.stdout()
+
+
+def test_sigterm_during_compilation_exits_cleanly(tmp_path, config_file, chain):
+    workdir = str(tmp_path / "w")
+    resume_from(chain.full, workdir, step=4)
+    run = Run(config_file, workdir, str(tmp_path), "early")
+    run.wait_for(lambda: "resumed from the checkpoint of step 4" in run.stdout())
+    run.proc.send_signal(signal.SIGTERM)  # during the dataset build / XLA compilation
+    assert run.finish() == 0, run.stderr()
+    assert "SIGTERM before the first step: nothing new to save (the last checkpoint is step 4)" \
+        in run.stdout()
+    assert _steps(workdir) == [4]
+    assert_trees_close(read_state(chain.full, 4), read_state(workdir, 4), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# In-process runs of bam_jax.main.main.
+
+
+def run_main(capsys, config_file, workdir, *overrides):
+    """(exit code, stdout, stderr) of `python -m bam_jax.main` run in this process."""
+    argv = ["bam_jax", f"--config={config_file}", f"--workdir={workdir}", *overrides]
+    flags.FLAGS.unparse_flags()
+    for name in [n for n in flags.FLAGS if n.startswith("config.")]:
+        delattr(flags.FLAGS, name)  # the previous call's override flags
+    saved_argv, sys.argv = sys.argv, argv  # ml_collections reads --config.x from sys.argv
+    try:
+        flags.FLAGS(argv)
+    finally:
+        sys.argv = saved_argv
+    capsys.readouterr()
+    code = 0
+    try:
+        bam_main.main([])
+    except SystemExit as exit_:
+        code = exit_.code
+    finally:
+        flags.FLAGS.unparse_flags()
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_error_line(err, expected):
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("bam_jax: error: "), err
+    assert expected in lines[0], lines[0]
+
+
+def _damage(step_dir):
+    """Truncate the data file of the step's arrays (a torn write)."""
+    data = glob.glob(os.path.join(step_dir, "state", "d", "*"))
+    assert data
+    for path in data:
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+
+
+def test_torn_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys, caplog, config_file,
+                                                        chain):
+    workdir = str(tmp_path / "w")
+    resume_from(chain.full, workdir, step=6)
+    _damage(os.path.join(workdir, "checkpoints", "6"))
+    half = os.path.join(workdir, "checkpoints", "8.orbax-checkpoint-tmp-1234567")
+    os.makedirs(os.path.join(half, "state"))
+    with open(os.path.join(half, "state", "_METADATA"), "w") as f:
+        f.write('{"tree_metadata": {')
+    code, out, _ = run_main(capsys, config_file, workdir)
+    assert code == 0
+    assert "checkpoint step 6 is unreadable" in caplog.text
+    assert "resumed from the checkpoint of step 4" in out
+    assert not os.path.exists(half)
+    # It redid steps 5..8 from step 4: bitwise the uninterrupted run.
+    assert_trees_close(read_state(chain.full, 8), read_state(workdir, 8), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("damage", ["overwrite_data", "empty_step_dir", "no_state_item",
+                                    "truncated_metadata"])
+def test_damaged_newest_step_is_never_taken(tmp_path, chain, damage):
+    workdir = str(tmp_path / "w")
+    resume_from(chain.full, workdir, step=6)
+    step_dir = os.path.join(workdir, "checkpoints", "6")
+    if damage == "overwrite_data":
+        for path in glob.glob(os.path.join(step_dir, "state", "d", "*")):
+            with open(path, "r+b") as f:
+                f.seek(os.path.getsize(path) // 4)
+                f.write(os.urandom(512))
+    elif damage == "empty_step_dir":  # e.g. an object store listing a step before its files
+        shutil.rmtree(step_dir)
+        os.makedirs(step_dir)
+    elif damage == "no_state_item":
+        shutil.rmtree(os.path.join(step_dir, "state"))
+    else:
+        with open(os.path.join(step_dir, "state", "_METADATA"), "r+b") as f:
+            f.truncate(100)
+    config = tiny_config(backbone="convnet", teacher=False)
+    abstract = _abstract_state(config)
+    checkpointer = checkpoint_lib.Checkpointer(workdir, async_save=False)
+    try:
+        step, state = checkpointer.restore_latest(abstract)
+    finally:
+        checkpointer.close()
+    assert step == 4
+    def arrays(tree):  # nnx.State and the plain dict of read_state flatten in different orders
+        return sorted((x.shape, np.asarray(x).tobytes()) for x in jax.tree.leaves(tree))
+    assert arrays(jax.device_get(state.params)) == arrays(read_state(chain.full, 4)["params"])
+
+
+def _abstract_state(config):
+    mesh = train.make_mesh(config)
+    optimizer = train.make_optimizer(config)
+    create = train.model_factory(config)
+    abstract = jax.eval_shape(lambda: train.init_state(create, optimizer, config.teacher.enabled))
+    shardings = train.state_shardings(abstract, mesh, config.mesh.fsdp_min_size)
+    return checkpoint_lib.abstract_with_shardings(abstract, shardings)
+
+
+def test_all_checkpoints_unreadable_is_refused(tmp_path, capsys, config_file, chain):
+    workdir = str(tmp_path / "w")
+    resume_from(chain.full, workdir, step=6)
+    for step in (4, 6):
+        _damage(os.path.join(workdir, "checkpoints", str(step)))
+    code, _, err = run_main(capsys, config_file, workdir)
+    assert code == 2
+    assert_one_error_line(err, "none of the checkpoints [4, 6] in")
+    assert _steps(workdir) == [4, 6]  # nothing started afresh over them
+
+
+def test_device_count_changes_8_to_4_to_1(tmp_path, capsys, config_file, chain):
+    on4 = str(tmp_path / "on4")
+    resume_from(chain.full, on4, step=4)  # saved on 8 devices
+    code, out, _ = run_main(capsys, config_file, on4, "--config.mesh.num_devices=4")
+    assert code == 0 and "resumed from the checkpoint of step 4" in out
+    on1 = str(tmp_path / "on1")
+    resume_from(on4, on1, step=6)  # saved on 4 devices
+    code, out, _ = run_main(capsys, config_file, on1, "--config.mesh.num_devices=1")
+    assert code == 0 and "resumed from the checkpoint of step 6" in out
+    # Another device count sums the batch in another order: equal up to float32 reassociation.
+    for workdir in (on4, on1):
+        assert_trees_close(read_state(chain.full, 8)["params"], read_state(workdir, 8)["params"],
+                           rtol=1e-3, atol=2e-5)
+    full, resumed = read_metrics(chain.full), read_metrics(on1)
+    for step in range(5, STEPS + 1):
+        np.testing.assert_allclose(resumed[step]["loss"], full[step]["loss"], rtol=1e-4)
+
+
+def test_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys, config_file, chain):
+    workdir = str(tmp_path / "w")
+    resume_from(chain.full, workdir, step=4)
+    code, _, err = run_main(capsys, config_file, workdir, "--config.optimizer.base_lr=nan")
+    assert code == 2
+    assert_one_error_line(err, "non-finite loss or gradient by step 5 (loss ")
+    assert "the last good checkpoint is step 4. Lower the learning rate" in err
+    assert _steps(workdir) == [4]
+    assert_trees_close(read_state(chain.full, 4), read_state(workdir, 4), rtol=0, atol=0)
+    assert max(read_metrics(workdir)) == 4  # the metrics written before stay; no NaN row
+
+
+def test_nan_steps_are_skipped_when_asked(tmp_path, capsys, config_file, chain):
+    workdir = str(tmp_path / "w")
+    resume_from(chain.full, workdir, step=4)
+    code, out, _ = run_main(capsys, config_file, workdir, "--config.optimizer.base_lr=nan",
+                            "--config.skip_nonfinite_steps=True")
+    assert code == 0 and "done: step 8" in out
+    state, good = read_state(workdir, 8), read_state(chain.full, 4)
+    assert int(state["nonfinite_steps"]) == 4 and int(state["step"]) == 8
+    # No NaN reached the state: every skipped step left it as it was.
+    assert_trees_close(state["params"], good["params"], rtol=0, atol=0)
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
+
+
+def test_data_stream_continues_where_it_stopped():
+    config = tiny_config(backbone="convnet", teacher=False).data
+    continuous = input_pipeline.create_pretrain_dataset(config, global_batch_size=32, seed=0)
+    expected = [b for _, b in zip(range(5), continuous.as_numpy_iterator())]
+    for start in (2, 4):
+        resumed = input_pipeline.create_pretrain_dataset(config, global_batch_size=32, seed=0,
+                                                         start_step=start)
+        got = [b for _, b in zip(range(5 - start), resumed.as_numpy_iterator())]
+        for a, b in zip(got, expected[start:]):
+            for key in a:
+                np.testing.assert_array_equal(a[key], b[key])
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one `bam_jax: error:` line, exit code 2, nothing already written is lost.
+
+
+def test_unknown_key_and_wrong_type_are_one_line(tmp_path, config_file):
+    for override, expected in (
+            ("--config.optimizer.nope=1", "bam_jax: error: --config.optimizer.nope: no such "
+                                          "config field"),
+            ("--config.batch_size=abc", "bam_jax: error: flag --config.batch_size=abc: invalid "
+                                        "literal for int()")):
+        result = subprocess.run(
+            [sys.executable, "-m", "bam_jax.main", f"--config={config_file}",
+             f"--workdir={tmp_path}", override], cwd=REPO, env=_env(), capture_output=True,
+            text=True, timeout=120)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.strip() == result.stderr.strip().splitlines()[0]
+        assert result.stderr.startswith(expected), result.stderr
+
+
+def test_batch_not_divisible_by_devices(tmp_path, capsys, config_file):
+    code, _, err = run_main(capsys, config_file, str(tmp_path / "w"), "--config.batch_size=36")
+    assert code == 2
+    assert_one_error_line(err, "batch size 36 does not divide by the 8 devices on mesh axes "
+                               "('data', 'fsdp'); set the batch size to a multiple of 8")
+
+
+def test_another_models_checkpoint_is_refused_and_kept(tmp_path, capsys, config_file, chain):
+    workdir = str(tmp_path / "w")
+    resume_from(chain.full, workdir, step=4)
+    code, _, err = run_main(capsys, config_file, workdir,
+                            "--config.model.projector.hidden_dim=48")
+    assert code == 2
+    assert_one_error_line(err, "(step 4) does not match the configured model; use a new "
+                               "--workdir or the config it was trained with")
+    assert _steps(workdir) == [4] and max(read_metrics(workdir)) == 4
+    assert_trees_close(read_state(chain.full, 4), read_state(workdir, 4), rtol=0, atol=0)
+
+
+def test_empty_folder(tmp_path, capsys, config_file):
+    (tmp_path / "data" / "train" / "a").mkdir(parents=True)
+    code, _, err = run_main(capsys, config_file, str(tmp_path / "w"), "--config.data.source=folder",
+                            f"--config.data.folder={tmp_path / 'data'}")
+    assert code == 2
+    assert_one_error_line(err, f"folder source: no images found under "
+                               f"'{tmp_path / 'data' / 'train'}'")
+
+
+def test_unprepared_tfds(tmp_path, capsys, config_file):
+    code, _, err = run_main(capsys, config_file, str(tmp_path / "w"), "--config.data.source=tfds",
+                            "--config.data.tfds_name=mnist",
+                            f"--config.data.data_dir={tmp_path / 'empty'}")
+    assert code == 2
+    assert_one_error_line(err, "tfds dataset 'mnist' is not prepared in")
+
+
+def test_bad_files_in_a_folder_are_skipped_and_counted(tmp_path, caplog):
+    rng = np.random.default_rng(0)
+    d = tmp_path / "train" / "digits"
+    d.mkdir(parents=True)
+    good = [tf.io.encode_png(rng.integers(0, 256, (28, 28, 3), np.uint8)).numpy()
+            for _ in range(8)]
+    for i, data in enumerate(good):
+        (d / f"{i}.png").write_bytes(data)
+    (d / "notes.txt").write_bytes(b"not an image")  # no image header: skipped when listed
+    (d / "empty.png").write_bytes(b"")  # empty: skipped when listed
+    (d / "truncated.png").write_bytes(good[0][:40])  # header, no body: skipped at decode
+    (d / "corrupt.png").write_bytes(good[0][:16] + os.urandom(200))  # garbage body: at decode
+    config = tiny_config(backbone="convnet", teacher=False).data
+    config.update(source="folder", folder=str(tmp_path), global_crop_size=16,
+                  local_crops_number=0)
+    input_pipeline.scan_image_folder.cache_clear()
+    with caplog.at_level("WARNING"):
+        assert input_pipeline.num_examples(config, "train") == 10
+    assert "folder source: skipped 2 non-image files of 12 under" in caplog.text
+    dataset = input_pipeline.create_pretrain_dataset(config, global_batch_size=8, seed=0)
+    labels = [b["label"] for _, b in zip(range(4), dataset.as_numpy_iterator())]
+    # Each epoch yields the 8 good images: the two undecodable ones are dropped, not a crash.
+    assert all(len(x) == 8 for x in labels)
+
+
+def test_workdir_that_is_a_file(tmp_path, capsys, config_file):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, _, err = run_main(capsys, config_file, str(blocker / "w"))
+    assert code == 2
+    assert_one_error_line(err, "")
+    assert "Not a directory" in err or "File exists" in err
+
+
+def test_read_only_workdir(tmp_path, capsys, config_file, chain):
+    if os.geteuid() == 0:
+        pytest.skip("running as root: chmod 555 does not stop root's writes (CAP_DAC_OVERRIDE); "
+                    "test_workdir_that_is_a_file covers an unwritable workdir path")
+    workdir = str(tmp_path / "w")
+    resume_from(chain.full, workdir, step=4)
+    os.chmod(workdir, 0o555)
+    try:
+        code, _, err = run_main(capsys, config_file, workdir)
+    finally:
+        os.chmod(workdir, 0o755)
+    assert code == 2 and err.startswith("bam_jax: error: ")
+    assert _steps(workdir) == [4]
+
+
+def test_full_disk_on_metrics(tmp_path, capsys, config_file, chain):
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full to simulate ENOSPC")
+    workdir = str(tmp_path / "w")
+    resume_from(chain.full, workdir, step=4)
+    kept = os.path.join(workdir, "metrics.before")
+    shutil.copy(os.path.join(workdir, "metrics.jsonl"), kept)
+    os.remove(os.path.join(workdir, "metrics.jsonl"))
+    os.symlink("/dev/full", os.path.join(workdir, "metrics.jsonl"))  # every write: ENOSPC
+    code, _, err = run_main(capsys, config_file, workdir)
+    assert code == 2
+    assert_one_error_line(err, "No space left on device")
+    assert 4 in _steps(workdir)
+    assert_trees_close(read_state(chain.full, 4), read_state(workdir, 4), rtol=0, atol=0)
+
+
+def test_linear_probe_without_a_checkpoint(tmp_path, capsys):
+    pretrain = tmp_path / "pre"
+    pretrain.mkdir()
+    config = tiny_config(backbone="convnet", teacher=False)
+    (pretrain / "config.json").write_text(config.to_json_best_effort())
+    from configs import linear_default
+    probe = linear_default.get_config()
+    probe.pretrained_workdir = str(pretrain)
+    probe.batch_size = 32
+    holder = types.SimpleNamespace
+    with pytest.raises(SystemExit) as exit_:
+        linear_probe._main([], holder(value=probe), holder(value=str(tmp_path / "probe")))
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith(
+        f"bam_jax.linear_probe: error: no checkpoint in {pretrain / 'checkpoints'}: pretrain "
+        f"first"), err
