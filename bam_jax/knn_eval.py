@@ -25,6 +25,7 @@ import jax  # noqa: E402
 import ml_collections  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from bam_jax import cli  # noqa: E402
 from bam_jax import checkpoint as checkpoint_lib  # noqa: E402
 from bam_jax import evaluate  # noqa: E402
 from bam_jax import train  # noqa: E402
@@ -162,4 +163,5 @@ if __name__ == "__main__":
                                    "bam_jax.main --workdir).", required=True)
     _random_init = flags.DEFINE_bool("random_init", False, "Evaluate the same backbone at its "
                                      "initialisation instead of the newest checkpoint.")
-    app.run(lambda argv: _main(argv, _config, _workdir, _random_init))
+    app.run(lambda argv: _main(argv, _config, _workdir, _random_init),
+            flags_parser=cli.flags_parser("bam_jax.knn_eval"))

@@ -34,6 +34,7 @@ import optax  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from bam_jax import cli  # noqa: E402
 from bam_jax import checkpoint as checkpoint_lib  # noqa: E402
 from bam_jax import evaluate  # noqa: E402
 from bam_jax import input_pipeline  # noqa: E402
@@ -315,4 +316,5 @@ if __name__ == "__main__":
     _workdir = flags.DEFINE_string("workdir", None, "Where the probe's checkpoints and "
                                    "metrics.jsonl go; an existing probe there is resumed.")
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(lambda argv: _main(argv, _config, _workdir))
+    app.run(lambda argv: _main(argv, _config, _workdir),
+            flags_parser=cli.flags_parser("bam_jax.linear_probe"))

@@ -12,6 +12,8 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags  # noqa: E402
+
+from bam_jax import cli  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -68,22 +70,5 @@ def _distributed_kwargs() -> dict[str, int] | None:
     return None
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-    """absl's parser, but a bad flag (an unknown --config.x, a value of the wrong type) is one
-    `bam_jax: error:` line and exit 2, like every other bad input, instead of a traceback."""
-    try:
-        return flags.FLAGS(argv)
-    except (flags.Error, AttributeError, KeyError) as error:
-        text = str(error).strip()
-        if not isinstance(error, flags.Error):  # ml_collections: only the missing field's name
-            text = text.strip("\"'")
-            names = [arg.split("=")[0] for arg in argv[1:] if arg.startswith("--config.")
-                     and text in arg.split("=")[0].split(".")]
-            text = f"{names[0] if names else text}: no such config field"
-        print(f"bam_jax: error: {text.splitlines()[0] if text else repr(error)}",
-              file=sys.stderr, flush=True)
-        sys.exit(2)
-
-
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=cli.flags_parser("bam_jax"))

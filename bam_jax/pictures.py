@@ -27,6 +27,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from bam_jax import cli  # noqa: E402
 from bam_jax import input_pipeline  # noqa: E402
 from bam_jax import knn_eval  # noqa: E402
 from bam_jax import loss as loss_lib  # noqa: E402
@@ -187,4 +188,5 @@ if __name__ == "__main__":
 
     _workdir = flags.DEFINE_string("workdir", None, "A pretraining workdir (python -m "
                                    "bam_jax.main --workdir).", required=True)
-    app.run(lambda argv: _main(argv, _workdir))
+    app.run(lambda argv: _main(argv, _workdir),
+            flags_parser=cli.flags_parser("bam_jax.pictures"))
