@@ -22,6 +22,7 @@ def tiny_config(*, backbone="vit", teacher=True, steps=4, num_devices=0):
     config.model.update(vit_variant="custom", width=32, depth=2, num_heads=2, patch_size=4)
     config.model.convnet.channels = (8, 16)
     config.model.convnet.strides = (2, 2)
+    config.data.local_crops_number = 2  # exercise the multi-resolution path
     config.model.projector.update(hidden_dim=64, out_dim=32)
     config.teacher.enabled = teacher
     config.loss.top_k = 16
