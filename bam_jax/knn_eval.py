@@ -94,6 +94,8 @@ def overrides_config() -> ml_collections.ConfigDict:
         knn=dict(k=keep(int), temperature=keep(float), train_fraction=keep(float),
                  batch_size=keep(int)),
         mesh=dict(num_devices=keep(int), fsdp=keep(int)),
+        # backbone="pixels" with --random_init: the raw-pixel baseline on the run's data.
+        model=dict(backbone=keep(str)),
         data=dict(data_dir=keep(str), folder=keep(str), eval_train_split=keep(str),
                   eval_split=keep(str)),
     ))
