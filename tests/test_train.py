@@ -157,3 +157,30 @@ def test_nonfinite_loss_stops_without_saving(tmp_path):
     with pytest.raises(train.NonFiniteLossError, match="skip_nonfinite_steps"):
         train.train_and_evaluate(config, workdir)
     assert not os.path.exists(os.path.join(workdir, "checkpoints", "2"))
+
+
+def _short_default_run(workdir, **loss_and_head):
+    """The embedded default recipe for 12 steps; returns the metrics of the last step."""
+    config = default_config.get_config()
+    config.num_train_steps = 12
+    config.knn.enabled = False
+    config.log_every_steps = 12
+    config.async_checkpointing = False
+    config.model.projector.update(loss_and_head.pop("projector", {}))
+    config.loss.update(loss_and_head)
+    train.train_and_evaluate(config, workdir)
+    return read_metrics(workdir)[12]
+
+
+def test_default_recipe_does_not_collapse_where_the_official_head_drifts_to_it(tmp_path):
+    learning = _short_default_run(str(tmp_path / "default"))
+    assert learning["mean_similarity"] < 0.2
+    assert learning["source_entropy"] < learning["uniform_entropy"] - 1.0
+    assert learning["loss"] < learning["uniform_entropy"] - 1.0
+    # The official head (no BatchNorm) and eps 0.05 on the same data drift towards the
+    # collapsed point (all embeddings aligned, a flat softmax): the test can tell them apart.
+    collapsing = _short_default_run(str(tmp_path / "official"), sinkhorn_reg=0.05,
+                                    sinkhorn_reg_final=0.05, top_k=0,
+                                    projector=dict(use_bn=False, last_bn=False))
+    assert collapsing["mean_similarity"] > 0.6
+    assert collapsing["source_entropy"] > learning["source_entropy"] + 1.0
