@@ -38,7 +38,10 @@ def get_config():
     config.model.backbone = "convnet"
     config.model.convnet.channels = (8, 16)
     config.model.convnet.strides = (2, 2)
-    config.model.projector.update(hidden_dim=64, out_dim=32)
+    # Every projector Linear feeds a BatchNorm, so its bias has a zero true gradient; Adam
+    # would turn that gradient's float noise (which differs with the device count) into
+    # updates. Without the (redundant) bias, runs on different device counts compare.
+    config.model.projector.update(hidden_dim=64, out_dim=32, bias=False)
     config.teacher.enabled = False
     config.loss.top_k = 16
     config.knn.enabled = False
@@ -150,7 +153,9 @@ def test_sigkill_mid_save_resumes_bitwise(chain):
     resumed_step = int(resumed[0].split("step ")[1].split()[0])
     assert resumed_step == max(chain.after_kill["steps"]) in (2, 4)
     assert chain.finish_rc == 0, chain.third.stderr()
-    assert _steps(chain.killed) == _steps(chain.full) == [4, 6, 8]
+    assert _steps(chain.full) == [4, 6, 8]
+    # The SIGTERM of the second run lands after step 5 or 6 is done (timing), and saves it.
+    assert _steps(chain.killed) in ([4, 6, 8], [5, 6, 8])
     assert not _tmp_dirs(chain.killed)
     # Same device count on CPU: the final state is bitwise that of the uninterrupted run.
     assert_trees_close(read_state(chain.full, 8), read_state(chain.killed, 8), rtol=0, atol=0)

@@ -40,7 +40,10 @@ def get_config():
     config.num_train_steps = {STEPS}
     config.model.convnet.channels = (8, 16)
     config.model.convnet.strides = (2, 2)
-    config.model.projector.update(hidden_dim=64, out_dim=32)
+    # Every projector Linear feeds a BatchNorm, so its bias has a zero true gradient; Adam
+    # would turn that gradient's float noise (which differs with the device count) into
+    # updates. Without the (redundant) bias, runs on different device counts compare.
+    config.model.projector.update(hidden_dim=64, out_dim=32, bias=False)
     config.knn.enabled = False
     config.log_every_steps = 1
     config.checkpoint_every_steps = 1000  # only the final step is saved

@@ -23,7 +23,10 @@ def tiny_config(*, backbone="vit", teacher=True, steps=4, num_devices=0):
     config.model.convnet.channels = (8, 16)
     config.model.convnet.strides = (2, 2)
     config.data.local_crops_number = 2  # exercise the multi-resolution path
-    config.model.projector.update(hidden_dim=64, out_dim=32)
+    # The official head, without BatchNorm: a BatchNorm makes whatever feeds it a batch-constant
+    # shift (biases, the last LayerNorm's offset) have a zero true gradient, and Adam turns that
+    # gradient's float noise, which differs with the device count, into updates.
+    config.model.projector.update(hidden_dim=64, out_dim=32, use_bn=False, last_bn=False)
     config.teacher.enabled = teacher
     config.loss.top_k = 16
     config.knn.enabled = False
