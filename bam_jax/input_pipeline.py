@@ -289,7 +289,7 @@ def num_channels(data_config: ml_collections.ConfigDict) -> int:
     return _source(data_config).channels
 
 
-def _mean_std(config: ml_collections.ConfigDict, channels: int):
+def mean_std(config: ml_collections.ConfigDict, channels: int):
     mean = tuple(config.mean) if config.mean is not None else augment.IMAGENET_MEAN
     std = tuple(config.std) if config.std is not None else augment.IMAGENET_STD
     if channels == 1:
@@ -351,7 +351,7 @@ def _crop_policies(config: ml_collections.ConfigDict):
 
 
 def _photometric_policy(config: ml_collections.ConfigDict, channels: int):
-    mean, std = _mean_std(config, channels)
+    mean, std = mean_std(config, channels)
     return augment.PhotometricPolicy(
         flip_prob=config.flip_prob,
         color_jitter_prob=config.color_jitter_prob,
@@ -488,7 +488,7 @@ def create_eval_dataset(
     src = _source(config)
     total = src.num_examples(split)
     steps = num_eval_batches(total, global_batch_size, pc)
-    mean, std = _mean_std(config, src.channels)
+    mean, std = mean_std(config, src.channels)
 
     if src.in_memory:
         table, labels = src.index_table(split)

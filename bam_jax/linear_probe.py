@@ -117,7 +117,7 @@ def make_train_step(config, feature_fn, head_graphdef, optimizer, learning_rate,
         (loss, (logits, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params)
         lr = learning_rate(state.step)
-        opt_state = train._set_hyperparams(state.opt_state, lr, config.optimizer.weight_decay)
+        opt_state = train.set_hyperparams(state.opt_state, lr, config.optimizer.weight_decay)
         updates, opt_state = optimizer.update(grads, opt_state, state.params)
         top1, top5 = topk_hits(logits, batch["label"], min(5, num_classes))
         new_state = state.replace(step=state.step + 1,

@@ -61,7 +61,7 @@ def plot_curves(workdir: str) -> str:
 
 def _unnormalize(images: np.ndarray, data_config) -> np.ndarray:
     """Model inputs back to [0, 1] pixels for display."""
-    mean, std = input_pipeline._mean_std(data_config, images.shape[-1])
+    mean, std = input_pipeline.mean_std(data_config, images.shape[-1])
     return np.clip(images * np.asarray(std) + np.asarray(mean), 0.0, 1.0)
 
 

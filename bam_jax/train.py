@@ -152,7 +152,7 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     return optax.chain(*chain)
 
 
-def _set_hyperparams(opt_state, learning_rate, weight_decay):
+def set_hyperparams(opt_state, learning_rate, weight_decay):
     """Write this step's lr and weight decay into the injected-hyperparameter state."""
     inject_state = opt_state[-1]
     hyperparams = dict(inject_state.hyperparams, learning_rate=learning_rate,
@@ -259,7 +259,7 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
 
         (loss, (metrics, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params, state.model_state)
-        opt_state = _set_hyperparams(state.opt_state, lr, wd)
+        opt_state = set_hyperparams(state.opt_state, lr, wd)
         updates, opt_state = optimizer.update(grads, opt_state, state.params)
         grad_norm = optax.tree.norm(grads)
         finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
