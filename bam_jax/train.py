@@ -11,10 +11,9 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import flax.struct
