@@ -440,10 +440,11 @@ def create_pretrain_dataset(
 
     def augment_example(*element):
         image, label, epoch, index = load(*element)
-        views = augment.multi_crop(image, _example_seed(seed, epoch, index), crops, photo)
-        out = {"global_crops": tf.stack(views[:num_global]), "label": label}
-        if len(views) > num_global:
-            out["local_crops"] = tf.stack(views[num_global:])
+        groups = [crops[:num_global], crops[num_global:]] if len(crops) > num_global else [crops]
+        views = augment.multi_crop(image, _example_seed(seed, epoch, index), groups, photo)
+        out = {"global_crops": views[0], "label": label}
+        if len(views) > 1:
+            out["local_crops"] = views[1]
         return out
 
     ds = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(epoch_indices)
