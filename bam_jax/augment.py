@@ -9,6 +9,11 @@ antialiased like PIL), horizontal flip, colour jitter (fixed order, see `color_j
 grayscale, Gaussian blur, solarisation (second global crop only) and mean/std normalisation.
 Images are float32 in [0, 1] between ops; the photometric ops accept one or three channels (on
 one channel the ops that need colour - saturation, hue, grayscale - are no-ops).
+
+Speed shapes the layout: in tf.data each TensorFlow op costs microseconds of overhead whatever
+its size, so all random decisions of an image's views are drawn at once (`sample_view_params`)
+and the photometric ops run on a stack of crops [N, H, W, C] with one parameter per crop, where
+crops that skip an op get identity parameters instead of a branch each.
 """
 
 from __future__ import annotations
@@ -62,8 +67,8 @@ def split_seed(seed: tf.Tensor, num: int) -> tf.Tensor:
     return tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num)
 
 
-def _uniform(seed: tf.Tensor, shape=(), minval=0.0, maxval=1.0) -> tf.Tensor:
-    return tf.random.stateless_uniform(shape, seed=seed, minval=minval, maxval=maxval)
+def _uniform(seed: tf.Tensor, shape) -> tf.Tensor:
+    return tf.random.stateless_uniform(shape, seed=seed)
 
 
 # ---------------------------------------------------------------------------------------------
