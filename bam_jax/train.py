@@ -3,6 +3,10 @@
 Read this file from the top: every stage of a run is one function here, called in order by
 `train_and_evaluate`. The model is flax.nnx used functionally (split once, merge inside jit); the
 loss runs inside `jax.shard_map` so each device holds only its rows of the attention matrix.
+
+The TensorFlow-based modules (the input pipeline, kNN evaluation, clu's writers) are imported in
+the functions that use them: the step itself needs only JAX, so `bam_jax.benchmark` runs on
+accelerator images that have JAX but no TensorFlow.
 """
 
 from __future__ import annotations
@@ -22,13 +26,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from clu import metric_writers
 from etils import epath
 from flax import nnx
 
 from bam_jax import checkpoint as checkpoint_lib
-from bam_jax import evaluate
-from bam_jax import input_pipeline
 from bam_jax import loss as loss_lib
 from bam_jax import models
 
@@ -174,6 +175,8 @@ class TrainState:
 
 
 def model_factory(config: ml_collections.ConfigDict) -> Callable[[], models.BAMModel]:
+    from bam_jax import input_pipeline  # noqa: PLC0415 (TensorFlow; see the module docstring)
+
     def create():
         return models.build_model(
             config.model, num_channels=input_pipeline.num_channels(config.data),
@@ -287,6 +290,8 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
 # ---------------------------------------------------------------------------------------------
 class MetricsLogger:
     def __init__(self, workdir: str, total_steps: int, global_batch: int):
+        from clu import metric_writers  # noqa: PLC0415 (TensorFlow; see the module docstring)
+
         self._is_main = jax.process_index() == 0
         self._writer = metric_writers.create_default_writer(
             str(checkpoint_lib.workdir_path(workdir)), just_logging=not self._is_main, asynchronous=True)
@@ -347,6 +352,8 @@ def _format_seconds(seconds: float) -> str:
 # 6. The loop.
 # ---------------------------------------------------------------------------------------------
 def steps_per_epoch(config: ml_collections.ConfigDict) -> int:
+    from bam_jax import input_pipeline  # noqa: PLC0415 (TensorFlow; see the module docstring)
+
     examples = input_pipeline.num_examples(config.data, config.data.train_split)
     if examples < config.batch_size:
         raise ValueError(f"batch_size={config.batch_size} exceeds the {examples} training "
@@ -405,6 +412,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                         preemption: _Preemption) -> dict[str, Any]:
+    from bam_jax import evaluate, input_pipeline  # noqa: PLC0415 (see the module docstring)
+
     checkpoint_lib.workdir_path(workdir).mkdir(parents=True, exist_ok=True)
     mesh = make_mesh(config)
     input_pipeline.check_global_batch(config.batch_size, mesh, BATCH_AXES)
