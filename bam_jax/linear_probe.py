@@ -218,18 +218,9 @@ def train_linear(config: ml_collections.ConfigDict, workdir: str) -> dict[str, f
     shardings = train.state_shardings(abstract_state, mesh, config.mesh.fsdp_min_size)
     checkpointer = checkpoint_lib.Checkpointer(
         workdir, max_to_keep=config.keep_checkpoints, async_save=config.async_checkpointing)
-    restored = checkpointer.restore_latest(
-        checkpoint_lib.abstract_with_shardings(abstract_state, shardings))
-    if restored is None:
-        state = jax.jit(make_state, out_shardings=shardings)()
-    else:
-        state = restored[1]
-        print(f"resumed from the checkpoint of step {restored[0]} in {checkpointer.directory}",
-              flush=True)
+    state, _ = train.restore_or_init(make_state, abstract_state, shardings, checkpointer)
     start_step = int(jax.device_get(state.step))
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+    train.save_config(config, workdir)
     print(f"linear probe on the {which}: {in_dim} features -> {num_classes} classes, "
           f"{total_steps} steps of {config.batch_size}", flush=True)
 

@@ -433,24 +433,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
     checkpointer = checkpoint_lib.Checkpointer(
         workdir, max_to_keep=config.keep_checkpoints, async_save=config.async_checkpointing)
-    restored = checkpointer.restore_latest(
-        checkpoint_lib.abstract_with_shardings(abstract_state, shardings))
-    if restored is None and checkpointer.all_steps():
-        # Never start afresh over checkpoints it cannot read: its saves would be refused or
-        # would replace them.
-        raise ValueError(f"none of the checkpoints {checkpointer.all_steps()} in "
-                         f"{checkpointer.directory} could be read (see the warnings above); "
-                         f"move them away or use a new --workdir")
-    if restored is None:
-        state = jax.jit(make_state, out_shardings=shardings)()
-        _LOG.info("initialised a new model in %s", workdir)
-    else:
-        start, state = restored
-        print(f"resumed from the checkpoint of step {start} in {checkpointer.directory}",
-              flush=True)
+    state, resumed = restore_or_init(make_state, abstract_state, shardings, checkpointer)
     start_step = int(jax.device_get(state.step))
-    last_saved = None if restored is None else start_step
-    _save_config(config, workdir)
+    last_saved = start_step if resumed else None
+    save_config(config, workdir)
 
     dataset = input_pipeline.create_pretrain_dataset(
         config.data, global_batch_size=config.batch_size, seed=config.seed, start_step=start_step)
@@ -520,7 +506,28 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     return final
 
 
-def _save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+def restore_or_init(make_state: Callable[[], Any], abstract_state, shardings,
+                    checkpointer: checkpoint_lib.Checkpointer) -> tuple[Any, bool]:
+    """(state, resumed): the newest readable checkpoint, or a jitted init straight into
+    `shardings`. Shared by pretraining and the linear probe, so both resume the same way."""
+    restored = checkpointer.restore_latest(
+        checkpoint_lib.abstract_with_shardings(abstract_state, shardings))
+    if restored is None and checkpointer.all_steps():
+        # Never start afresh over checkpoints it cannot read: its saves would be refused or
+        # would replace them.
+        raise ValueError(f"none of the checkpoints {checkpointer.all_steps()} in "
+                         f"{checkpointer.directory} could be read (see the warnings above); "
+                         f"move them away or use a new --workdir")
+    if restored is None:
+        _LOG.info("initialising a new state in %s", checkpointer.directory)
+        return jax.jit(make_state, out_shardings=shardings)(), False
+    step, state = restored
+    print(f"resumed from the checkpoint of step {step} in {checkpointer.directory}", flush=True)
+    return state, True
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """config.json in the workdir (process 0), read back by the evaluation entry points."""
     if jax.process_index() == 0:
         (checkpoint_lib.workdir_path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
 

@@ -11,6 +11,7 @@ from flax import nnx
 
 from bam_jax import linear_probe, train
 from configs import linear, linear_default
+from test_faults import _damage
 from test_knn_eval import config_only_workdir, shared_pretrained_workdir
 
 
@@ -83,6 +84,13 @@ def test_probe_end_to_end_resumes_and_reports(pretrained, tmp_path, capsys):
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
     assert rows[-1]["linear_best_top1"] == max(r["linear_top1"] for r in rows
                                                if "linear_top1" in r)
+
+    # As pretraining: unreadable checkpoints are never silently replaced by a fresh head.
+    for step in ("4", "6"):
+        _damage(os.path.join(workdir, "checkpoints", step))
+    with pytest.raises(ValueError, match=r"none of the checkpoints \[4, 6\]"):
+        linear_probe.train_linear(tiny_probe_config(pretrained, steps=8), workdir)
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "6"]
 
 
 def test_workdir_without_checkpoint_is_one_clear_error(pretrained, tmp_path):
