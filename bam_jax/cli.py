@@ -8,6 +8,12 @@ from collections.abc import Callable
 from absl import flags
 
 
+def error_line(program: str, error: BaseException) -> str:
+    """The one line an entry point prints for an error the user can fix."""
+    text = str(error).strip()
+    return f"{program}: error: {text.splitlines()[0] if text else repr(error)}"
+
+
 def flags_parser(program: str) -> Callable[[list[str]], list[str]]:
     """absl's parser, but a bad flag (an unknown --config.x, a value of the wrong type) is one
     `PROGRAM: error:` line and exit 2, like every other bad input, instead of a traceback."""

@@ -8,77 +8,22 @@ are those the online evaluation would give. Options override the run's config.js
     python -m bam_jax.knn_eval --workdir=DIR --random_init   # the same backbone at init
 
 Results are printed and appended to DIR/metrics.jsonl under `offline_*` keys (the online kNN of
-training writes `knn_*`), at the checkpoint's step. This module also holds the helpers that read
-a pretraining workdir, shared by the linear probe and the pictures.
+training writes `knn_*`), at the checkpoint's step.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import jax  # noqa: E402
 import ml_collections  # noqa: E402
-from flax import nnx  # noqa: E402
 
 from bam_jax import cli  # noqa: E402
-from bam_jax import checkpoint as checkpoint_lib  # noqa: E402
 from bam_jax import evaluate  # noqa: E402
 from bam_jax import train  # noqa: E402
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading a pretraining workdir (shared with linear_probe and pictures).
-# ---------------------------------------------------------------------------------------------
-def read_run_config(workdir: str) -> ml_collections.ConfigDict:
-    """The pretraining config that `train.train_and_evaluate` saved as DIR/config.json."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise ValueError(f"{path} does not exist: {workdir!r} is not a bam_jax pretraining "
-                         f"workdir; pass the --workdir given to `python -m bam_jax.main`")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
-
-
-def restore_run(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh, *,
-                fsdp_min_size: int, random_init: bool = False, random_init_flag: str = ""):
-    """(graphdef, TrainState, step) of the newest readable checkpoint of a pretraining workdir.
-
-    The state is restored straight onto `mesh` with the trainer's own shardings. `random_init`
-    builds the same model at its initialisation instead (step 0) and needs no checkpoint;
-    `random_init_flag` names the caller's option for that, for the no-checkpoint error.
-    """
-    create_model = train.model_factory(config)
-    graphdef = nnx.split(nnx.eval_shape(create_model))[0]
-    optimizer = train.make_optimizer(config)
-    make_state = lambda: train.init_state(create_model, optimizer,  # noqa: E731
-                                          config.teacher.enabled)
-    abstract_state = jax.eval_shape(make_state)
-    shardings = train.state_shardings(abstract_state, mesh, fsdp_min_size)
-    if random_init:
-        return graphdef, jax.jit(make_state, out_shardings=shardings)(), 0
-    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    # Checked before opening a manager, which would create the directory.
-    if not os.path.isdir(directory) or not any(name.isdigit() for name in os.listdir(directory)):
-        alternative = f" or pass {random_init_flag} for the backbone at init" \
-            if random_init_flag else ""
-        raise ValueError(f"no checkpoint in {directory}: pretrain first (python -m bam_jax.main "
-                         f"--workdir={workdir} ...){alternative}")
-    checkpointer = checkpoint_lib.Checkpointer(workdir, async_save=False)
-    try:
-        restored = checkpointer.restore_latest(
-            checkpoint_lib.abstract_with_shardings(abstract_state, shardings))
-    finally:
-        checkpointer.close()
-    if restored is None:
-        raise ValueError(f"no checkpoint in {directory} could be read (see the warnings above); "
-                         f"rerun the pretraining to write a new one")
-    step, state = restored
-    return graphdef, state, step
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,11 +63,11 @@ def knn_eval(workdir: str, overrides: ml_collections.ConfigDict | None = None, *
     Returns the logged row: `offline_knn_top1`, ..., `offline_teacher_knn_top1`, ... (with
     `offline_init_` instead of `offline_` for `random_init`), `offline_knn_k` and `step`.
     """
-    config = read_run_config(workdir)
+    config = train.read_run_config(workdir)
     if overrides is not None:
         config = apply_overrides(config, overrides)
     mesh = train.make_mesh(config)
-    graphdef, state, step = restore_run(config, workdir, mesh,
+    graphdef, state, step = train.restore_run(config, workdir, mesh,
                                         fsdp_min_size=config.mesh.fsdp_min_size,
                                         random_init=random_init, random_init_flag="--random_init")
     evaluator = evaluate.KnnEvaluator(config, graphdef, mesh, train.BATCH_AXES)
@@ -139,19 +84,13 @@ def knn_eval(workdir: str, overrides: ml_collections.ConfigDict | None = None, *
     return dict(results, step=step)
 
 
-def error_line(program: str, error: BaseException) -> str:
-    """The one line an entry point prints for an error the user can fix."""
-    text = str(error).strip()
-    return f"{program}: error: {text.splitlines()[0] if text else repr(error)}"
-
-
 def _main(argv, config_flag, workdir_flag, random_init_flag):
     del argv
     logging.getLogger("absl").setLevel(logging.WARNING)
     try:
         knn_eval(workdir_flag.value, config_flag.value, random_init=random_init_flag.value)
     except (ValueError, OSError) as error:
-        print(error_line("bam_jax.knn_eval", error), file=sys.stderr, flush=True)
+        print(cli.error_line("bam_jax.knn_eval", error), file=sys.stderr, flush=True)
         sys.exit(2)
 
 

@@ -38,7 +38,6 @@ from bam_jax import cli  # noqa: E402
 from bam_jax import checkpoint as checkpoint_lib  # noqa: E402
 from bam_jax import evaluate  # noqa: E402
 from bam_jax import input_pipeline  # noqa: E402
-from bam_jax import knn_eval  # noqa: E402
 from bam_jax import train  # noqa: E402
 
 
@@ -136,13 +135,13 @@ def make_train_step(config, feature_fn, head_graphdef, optimizer, learning_rate,
 def _pretraining(config: ml_collections.ConfigDict, mesh):
     """(graphdef, (params, model_state)) of the frozen backbone, and a line saying which."""
     if config.pretrained_workdir:
-        pre_config = knn_eval.read_run_config(config.pretrained_workdir)
+        pre_config = train.read_run_config(config.pretrained_workdir)
     elif config.random_init:
         pre_config = config.pretrain
     else:
         raise ValueError("set --config.pretrained_workdir=DIR (a pretraining workdir) or "
                          "--config.random_init=True for the random-init baseline")
-    graphdef, state, step = knn_eval.restore_run(
+    graphdef, state, step = train.restore_run(
         pre_config, config.pretrained_workdir, mesh, fsdp_min_size=config.mesh.fsdp_min_size,
         random_init=config.random_init, random_init_flag="--config.random_init=True")
     source = config.pretrained_workdir or f"config.pretrain ({config.pretrain.model.backbone})"
@@ -291,7 +290,7 @@ def _main(argv, config_flag, workdir_flag):
     try:
         result = train_linear(config_flag.value, workdir_flag.value)
     except (ValueError, OSError) as error:
-        print(knn_eval.error_line("bam_jax.linear_probe", error), file=sys.stderr, flush=True)
+        print(cli.error_line("bam_jax.linear_probe", error), file=sys.stderr, flush=True)
         sys.exit(2)
     print(f"done: step {result['step']}  top-1 {result['linear_top1']:.2f}  top-5 "
           f"{result['linear_top5']:.2f}  best top-1 {result['linear_best_top1']:.2f}", flush=True)

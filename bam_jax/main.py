@@ -41,8 +41,7 @@ def main(argv):
         result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except (ValueError, checkpoint.IncompatibleCheckpointError, train.NonFiniteLossError,
             FileNotFoundError, PermissionError, OSError) as error:
-        message = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
-        print(f"bam_jax: error: {message}", file=sys.stderr, flush=True)
+        print(cli.error_line("bam_jax", error), file=sys.stderr, flush=True)
         sys.exit(2)
     summary = {k: v for k, v in result.items() if k.startswith(("init_knn", "knn", "teacher_knn", "loss"))}
     print("done: step " + str(result["step"]) + "  " +

@@ -29,7 +29,6 @@ from flax import nnx  # noqa: E402
 
 from bam_jax import cli  # noqa: E402
 from bam_jax import input_pipeline  # noqa: E402
-from bam_jax import knn_eval  # noqa: E402
 from bam_jax import loss as loss_lib  # noqa: E402
 from bam_jax import models  # noqa: E402
 from bam_jax import train  # noqa: E402
@@ -158,10 +157,10 @@ def _save(fig, workdir: str, name: str) -> str:
 def make_pictures(workdir: str) -> list[str]:
     """All pictures of a pretraining workdir; returns the paths written."""
     paths = [plot_curves(workdir)]
-    config = knn_eval.read_run_config(workdir)
+    config = train.read_run_config(workdir)
     config.mesh.num_devices = 1  # a few images: one device, no sharding to think about
     mesh = train.make_mesh(config)
-    graphdef, state, step = knn_eval.restore_run(config, workdir, mesh,
+    graphdef, state, step = train.restore_run(config, workdir, mesh,
                                                  fsdp_min_size=config.mesh.fsdp_min_size)
     teacher = state.teacher_params is not None
     weights = ((state.teacher_params, state.teacher_model_state) if teacher
@@ -179,7 +178,7 @@ def _main(argv, workdir_flag):
     try:
         make_pictures(workdir_flag.value)
     except (ValueError, OSError) as error:
-        print(knn_eval.error_line("bam_jax.pictures", error), file=sys.stderr, flush=True)
+        print(cli.error_line("bam_jax.pictures", error), file=sys.stderr, flush=True)
         sys.exit(2)
 
 

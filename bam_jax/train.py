@@ -532,6 +532,52 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
         (checkpoint_lib.workdir_path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
 
 
+def read_run_config(workdir: str) -> ml_collections.ConfigDict:
+    """The pretraining config that `save_config` wrote to DIR/config.json (gs:// too)."""
+    path = checkpoint_lib.workdir_path(workdir) / "config.json"
+    if not path.exists():
+        raise ValueError(f"{path} does not exist: {workdir!r} is not a bam_jax pretraining "
+                         f"workdir; pass the --workdir given to `python -m bam_jax.main`")
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def restore_run(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh, *,
+                fsdp_min_size: int, random_init: bool = False, random_init_flag: str = ""):
+    """(graphdef, TrainState, step) of the newest readable checkpoint of a pretraining workdir,
+    for the evaluation entry points (kNN, linear probe, pictures).
+
+    The state is restored straight onto `mesh` with the trainer's own shardings. `random_init`
+    builds the same model at its initialisation instead (step 0) and needs no checkpoint;
+    `random_init_flag` names the caller's option for that, for the no-checkpoint error.
+    """
+    create_model = model_factory(config)
+    graphdef = nnx.split(nnx.eval_shape(create_model))[0]
+    optimizer = make_optimizer(config)
+    make_state = lambda: init_state(create_model, optimizer, config.teacher.enabled)  # noqa: E731
+    abstract_state = jax.eval_shape(make_state)
+    shardings = state_shardings(abstract_state, mesh, fsdp_min_size)
+    if random_init:
+        return graphdef, jax.jit(make_state, out_shardings=shardings)(), 0
+    directory = checkpoint_lib.workdir_path(workdir) / "checkpoints"
+    # Checked before opening a manager, which would create the directory.
+    if not directory.is_dir() or not any(p.name.isdigit() for p in directory.iterdir()):
+        alternative = f" or pass {random_init_flag} for the backbone at init" \
+            if random_init_flag else ""
+        raise ValueError(f"no checkpoint in {directory}: pretrain first (python -m bam_jax.main "
+                         f"--workdir={workdir} ...){alternative}")
+    checkpointer = checkpoint_lib.Checkpointer(workdir, async_save=False)
+    try:
+        restored = checkpointer.restore_latest(
+            checkpoint_lib.abstract_with_shardings(abstract_state, shardings))
+    finally:
+        checkpointer.close()
+    if restored is None:
+        raise ValueError(f"no checkpoint in {directory} could be read (see the warnings above); "
+                         f"rerun the pretraining to write a new one")
+    step, state = restored
+    return graphdef, state, step
+
+
 def _print_memory_analysis(compiled) -> None:
     analysis = compiled.memory_analysis()
     if analysis is None:
