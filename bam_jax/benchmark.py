@@ -102,10 +102,8 @@ def run(config: ml_collections.ConfigDict, *, num_channels: int, steps: int) -> 
             config.model, num_channels=num_channels, image_size=config.data.global_crop_size,
             rngs=nnx.Rngs(params=0, dropout=1))
 
-    graphdef = nnx.split(nnx.eval_shape(create_model))[0]
-    make_state = lambda: train.init_state(create_model, optimizer, config.teacher.enabled)  # noqa: E731
-    shardings = train.state_shardings(jax.eval_shape(make_state), mesh,
-                                      config.mesh.fsdp_min_size)
+    graphdef, make_state, _, shardings = train.state_layout(
+        create_model, optimizer, config.teacher.enabled, mesh, config.mesh.fsdp_min_size)
     batch_sharding = jax.NamedSharding(mesh, jax.P(train.BATCH_AXES))
     batch = random_batch(config, num_channels, batch_sharding)
     with jax.set_mesh(mesh):

@@ -435,13 +435,13 @@ def create_pretrain_dataset(
             return src.decode(rec[0]), rec[1], epoch, index + pi * per_host
 
     crops = _crop_policies(config)
-    photo = _photometric_policy(config, src.channels)
     num_global = config.global_crops_number
+    crop_groups = [crops[:num_global], crops[num_global:]] if len(crops) > num_global else [crops]
+    photo = _photometric_policy(config, src.channels)
 
     def augment_example(*element):
         image, label, epoch, index = load(*element)
-        groups = [crops[:num_global], crops[num_global:]] if len(crops) > num_global else [crops]
-        views = augment.multi_crop(image, _example_seed(seed, epoch, index), groups, photo)
+        views = augment.multi_crop(image, _example_seed(seed, epoch, index), crop_groups, photo)
         out = {"global_crops": views[0], "label": label}
         if len(views) > 1:
             out["local_crops"] = views[1]

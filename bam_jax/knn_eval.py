@@ -67,9 +67,9 @@ def knn_eval(workdir: str, overrides: ml_collections.ConfigDict | None = None, *
     if overrides is not None:
         config = apply_overrides(config, overrides)
     mesh = train.make_mesh(config)
-    graphdef, state, step = train.restore_run(config, workdir, mesh,
-                                        fsdp_min_size=config.mesh.fsdp_min_size,
-                                        random_init=random_init, random_init_flag="--random_init")
+    graphdef, state, step = train.restore_run(
+        config, workdir, mesh, fsdp_min_size=config.mesh.fsdp_min_size,
+        random_init=random_init, random_init_flag="--random_init")
     evaluator = evaluate.KnnEvaluator(config, graphdef, mesh, train.BATCH_AXES)
     prefix = "offline_init_" if random_init else "offline_"
     results = {prefix + k: v for k, v in evaluator.evaluate(state).items()}

@@ -210,11 +210,9 @@ def train_linear(config: ml_collections.ConfigDict, workdir: str) -> dict[str, f
 
     create_head = lambda: LinearHead(in_dim, num_classes, bn_head=config.bn_head,  # noqa: E731
                                      rngs=nnx.Rngs(config.seed))
-    head_graphdef = nnx.split(nnx.eval_shape(create_head))[0]
     optimizer = train.make_optimizer(config)
-    make_state = lambda: train.init_state(create_head, optimizer, use_teacher=False)  # noqa: E731
-    abstract_state = jax.eval_shape(make_state)
-    shardings = train.state_shardings(abstract_state, mesh, config.mesh.fsdp_min_size)
+    head_graphdef, make_state, abstract_state, shardings = train.state_layout(
+        create_head, optimizer, False, mesh, config.mesh.fsdp_min_size)
     checkpointer = checkpoint_lib.Checkpointer(
         workdir, max_to_keep=config.keep_checkpoints, async_save=config.async_checkpointing)
     state, _ = train.restore_or_init(make_state, abstract_state, shardings, checkpointer)

@@ -161,7 +161,7 @@ def make_pictures(workdir: str) -> list[str]:
     config.mesh.num_devices = 1  # a few images: one device, no sharding to think about
     mesh = train.make_mesh(config)
     graphdef, state, step = train.restore_run(config, workdir, mesh,
-                                                 fsdp_min_size=config.mesh.fsdp_min_size)
+                                              fsdp_min_size=config.mesh.fsdp_min_size)
     teacher = state.teacher_params is not None
     weights = ((state.teacher_params, state.teacher_model_state) if teacher
                else (state.params, state.model_state))

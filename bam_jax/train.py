@@ -18,7 +18,7 @@ import math
 import signal
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.struct
 import jax
@@ -216,6 +216,23 @@ def state_shardings(abstract_state: TrainState, mesh: jax.sharding.Mesh,
 
     return jax.tree.map(leaf_sharding, abstract_state)
 
+
+class StateLayout(NamedTuple):
+    graphdef: nnx.GraphDef
+    make_state: Callable[[], TrainState]  # what a jitted, sharded init runs
+    abstract_state: TrainState  # shapes and dtypes only, no memory
+    shardings: TrainState
+
+
+def state_layout(create_model: Callable[[], nnx.Module], optimizer: optax.GradientTransformation,
+                 use_teacher: bool, mesh: jax.sharding.Mesh, fsdp_min_size: int) -> StateLayout:
+    """The state's structure and placement, computed without allocating it (`jax.eval_shape`):
+    what an init, a restore and a compile all start from."""
+    graphdef = nnx.split(nnx.eval_shape(create_model))[0]
+    make_state = lambda: init_state(create_model, optimizer, use_teacher)  # noqa: E731
+    abstract_state = jax.eval_shape(make_state)
+    return StateLayout(graphdef, make_state, abstract_state,
+                       state_shardings(abstract_state, mesh, fsdp_min_size))
 
 # ---------------------------------------------------------------------------------------------
 # 4. The train step.
@@ -426,10 +443,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
     # Abstract state (no memory), then a jitted init that writes each leaf straight into its
     # sharding: no host ever holds the full unsharded model.
-    graphdef = nnx.split(nnx.eval_shape(create_model))[0]
-    make_state = lambda: init_state(create_model, optimizer, use_teacher)  # noqa: E731
-    abstract_state = jax.eval_shape(make_state)
-    shardings = state_shardings(abstract_state, mesh, config.mesh.fsdp_min_size)
+    graphdef, make_state, abstract_state, shardings = state_layout(
+        create_model, optimizer, use_teacher, mesh, config.mesh.fsdp_min_size)
 
     checkpointer = checkpoint_lib.Checkpointer(
         workdir, max_to_keep=config.keep_checkpoints, async_save=config.async_checkpointing)
@@ -550,12 +565,9 @@ def restore_run(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shard
     builds the same model at its initialisation instead (step 0) and needs no checkpoint;
     `random_init_flag` names the caller's option for that, for the no-checkpoint error.
     """
-    create_model = model_factory(config)
-    graphdef = nnx.split(nnx.eval_shape(create_model))[0]
-    optimizer = make_optimizer(config)
-    make_state = lambda: init_state(create_model, optimizer, config.teacher.enabled)  # noqa: E731
-    abstract_state = jax.eval_shape(make_state)
-    shardings = state_shardings(abstract_state, mesh, fsdp_min_size)
+    graphdef, make_state, abstract_state, shardings = state_layout(
+        model_factory(config), make_optimizer(config), config.teacher.enabled, mesh,
+        fsdp_min_size)
     if random_init:
         return graphdef, jax.jit(make_state, out_shardings=shardings)(), 0
     directory = checkpoint_lib.workdir_path(workdir) / "checkpoints"
