@@ -5,24 +5,30 @@ ImageNet-style folder, runs the folder source with the ViT-S/16 recipe (2x224 + 
 `--threads` tf.data threads and prints images/s. The default content is a smooth random field plus
 grain, which compresses like a photo (~60 KB); `--content noise` gives white noise, whose much
 larger JPEGs are a worst case for decoding. `--torchvision` also times the official PIL-based
-DataAugmentationDINO recipe, when torch/torchvision are importable.
+DataAugmentationDINO recipe on the same files and thread counts, when torch/torchvision are
+importable, and prints the ratio.
+
+torchvision runs in a child process that never imports TensorFlow: importing torchvision after
+TensorFlow in one process crashes (seen with torchvision 0.29). This module therefore imports
+TensorFlow only inside the functions that use it.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
+import sys
 import tempfile
 import time
 
 import numpy as np
-import tensorflow as tf
-
-from bam_jax import input_pipeline
 
 
 def write_jpegs(root: str, num_images: int, content: str, seed: int = 0) -> None:
     """`num_images` 375x500 JPEGs spread over 4 classes under root/train/<class>/."""
+    import tensorflow as tf
+
     rng = np.random.default_rng(seed)
     for i in range(num_images):
         if content == "noise":
@@ -44,6 +50,8 @@ def benchmark_tf(
     """(images per wall second, images per CPU second of this process) of
     create_pretrain_dataset on the folder, after 2 warm-up batches. The second figure is the
     per-core rate, and stays meaningful when other processes share the cores."""
+    from bam_jax import input_pipeline
+
     config = input_pipeline.default_data_config()
     config.resize_antialias = antialias
     config.source = "folder"
@@ -63,7 +71,8 @@ def benchmark_tf(
 
 
 def benchmark_torchvision(root: str, threads: int, batch: int, num_batches: int) -> float | None:
-    """Images/s of the official PIL/torchvision recipe in a DataLoader, or None without torch."""
+    """Images/s of the official PIL/torchvision recipe in a DataLoader with `threads` workers,
+    or None without torch. Call it in a process without TensorFlow (see the module docstring)."""
     try:
         import torch
         from PIL import ImageFilter, ImageOps
@@ -110,6 +119,16 @@ def benchmark_torchvision(root: str, threads: int, batch: int, num_batches: int)
     return num_batches * batch / (time.perf_counter() - start)
 
 
+def _torchvision_in_child(root: str, threads: int, batch: int, num_batches: int) -> float | None:
+    """`benchmark_torchvision` in a fresh interpreter that has not imported TensorFlow."""
+    code = ("import sys; from bam_jax.benchmark_input import benchmark_torchvision as b; "
+            "print(b(sys.argv[1], *map(int, sys.argv[2:])))")
+    out = subprocess.run([sys.executable, "-c", code, root, str(threads), str(batch),
+                          str(num_batches)], check=True, capture_output=True, text=True).stdout
+    last = out.strip().splitlines()[-1]
+    return None if last == "None" else float(last)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num_images", type=int, default=256)
@@ -121,6 +140,9 @@ def main() -> None:
                         help="config.data.resize_antialias=False (faster, less PIL-faithful)")
     parser.add_argument("--torchvision", action="store_true")
     args = parser.parse_args()
+    # Before any TensorFlow op runs: importing the pipeline sets TensorFlow's thread pools.
+    from bam_jax import input_pipeline  # noqa: F401
+
     with tempfile.TemporaryDirectory() as root:
         write_jpegs(root, args.num_images, args.content)
         for threads in args.threads:
@@ -130,11 +152,12 @@ def main() -> None:
                   f"CPU-second; 2x224 + 6x96 crops, {args.content} JPEGs, "
                   f"antialias={not args.no_antialias}")
             if args.torchvision:
-                tv = benchmark_torchvision(root, threads, args.batch, args.num_batches)
+                tv = _torchvision_in_child(root, threads, args.batch, args.num_batches)
                 if tv is None:
                     print("torchvision: not importable, skipped")
                 else:
-                    print(f"torchvision threads={threads}: {tv:7.1f} images/s")
+                    print(f"torchvision threads={threads}: {tv:7.1f} images/s; tf.data is "
+                          f"{rate / tv:.2f}x")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """Input pipeline: sources, batches, resume, per-process sharding, device arrays, clear errors."""
 
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -9,6 +11,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from bam_jax import input_pipeline as ip
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _tiny(config=None, local=2):
@@ -203,6 +207,21 @@ def test_unprepared_tfds_is_clear_error(tmp_path):
 
 def test_tf_has_no_gpu():
     assert tf.config.get_visible_devices("GPU") == []
+
+
+_THREADS = ("import tensorflow as tf; {before}from bam_jax import input_pipeline; "
+            "t = tf.config.threading; "
+            "print(t.get_intra_op_parallelism_threads(), t.get_inter_op_parallelism_threads())")
+
+
+@pytest.mark.parametrize("ops_before_import, expected", [(False, "1 1"), (True, "0 0")])
+def test_tensorflow_ops_single_threaded_unless_initialised_first(ops_before_import, expected):
+    # Fresh interpreters: the thread pools are fixed once TensorFlow runs its first op.
+    before = "tf.constant(1.0) + 1.0; " if ops_before_import else ""
+    result = subprocess.run([sys.executable, "-c", _THREADS.format(before=before)], cwd=ROOT,
+                            capture_output=True, text=True, check=True)
+    assert result.stdout.split()[-2:] == expected.split()
+    assert ("initialised before bam_jax.input_pipeline" in result.stderr) == ops_before_import
 
 
 class TinyDigits(tfds.core.GeneratorBasedBuilder):
