@@ -231,10 +231,8 @@ def adjust_hue(images: tf.Tensor, delta: tf.Tensor, apply: tf.Tensor) -> tf.Tens
     if images.shape[-1] == 1:
         return images
     crops = tf.unstack(images)
-    return tf.stack([
-        tf.cond(apply[i], lambda i=i: tf.image.adjust_hue(crops[i], delta[i]), lambda i=i: crops[i])
-        for i in range(len(crops))
-    ])
+    return _restack([_when(apply[i], tf.image.adjust_hue, crop, delta[i])
+                     for i, crop in enumerate(crops)])
 
 
 def grayscale(images: tf.Tensor, apply: tf.Tensor) -> tf.Tensor:
@@ -246,36 +244,47 @@ def grayscale(images: tf.Tensor, apply: tf.Tensor) -> tf.Tensor:
     return _channel_mix(images, matrices)
 
 
-def gaussian_blur(images: tf.Tensor, sigma: tf.Tensor) -> tf.Tensor:
-    """Separable Gaussian blur of each crop with its own standard deviation sigma[i] pixels
-    (0: unchanged).
+def _mirror_pad(image: tf.Tensor, radius, axis: int) -> tf.Tensor:
+    """Symmetric padding (edge pixel repeated, like `tf.pad(..., "SYMMETRIC")`) of one axis of
+    [H, W, C]; as slices and a concat it costs about half of TensorFlow's MirrorPad kernel."""
+    head = tf.gather(image, tf.range(radius - 1, -1, -1), axis=axis)
+    size = tf.shape(image)[axis]
+    tail = tf.gather(image, tf.range(size - 1, size - radius - 1, -1), axis=axis)
+    return tf.concat([head, image, tail], axis)
 
-    Kernels are truncated at ceil(3 sigma) and borders mirrored, like PIL's edge handling keeps
-    the brightness at the borders. All crops go through one depthwise convolution, their
-    channels side by side, each with its own kernel (zero-padded to the largest radius).
+
+def _blur_one(image: tf.Tensor, sigma: tf.Tensor) -> tf.Tensor:
+    """Separable Gaussian blur of one [H, W, C] image, sigma > 0 pixels.
+
+    The kernel is truncated at ceil(3 sigma) and borders mirrored, as PIL's edge handling keeps
+    the brightness at the borders. Each 1-D pass pads only its own axis.
     """
-    n, height, width, channels = images.shape
-    max_radius = min(height, width) - 1  # mirror padding needs radius < side
-    radius = tf.minimum(tf.cast(tf.math.ceil(3.0 * sigma), tf.int32), max_radius)
-    reach = tf.reduce_max(radius)
-    offsets = tf.cast(tf.range(-reach, reach + 1), tf.float32)[:, None]  # [K, 1]
-    safe_sigma = tf.where(sigma > 0, sigma, 1.0)
-    kernels = tf.where(
-        sigma > 0,
-        tf.exp(-0.5 * tf.square(offsets / safe_sigma)),
-        tf.cast(offsets == 0.0, tf.float32))
-    kernels *= tf.cast(tf.abs(offsets) <= tf.cast(radius, tf.float32), tf.float32)
-    kernels /= tf.reduce_sum(kernels, axis=0, keepdims=True)  # [K, N]
-    kernels = tf.repeat(kernels, channels, axis=1)  # [K, N*C], crop-major like the channels
-    # One crop is already side by side with itself; more need the [H, W, N, C] layout.
-    side_by_side = images if n == 1 else tf.transpose(images, [1, 2, 0, 3])
-    side_by_side = tf.reshape(side_by_side, [1, height, width, n * channels])
-    padded = tf.pad(side_by_side, [[0, 0], [reach, reach], [reach, reach], [0, 0]], "SYMMETRIC")
-    out = tf.nn.depthwise_conv2d(padded, kernels[:, None, :, None], [1, 1, 1, 1], "VALID")
-    out = tf.nn.depthwise_conv2d(out, kernels[None, :, :, None], [1, 1, 1, 1], "VALID")
-    if n == 1:
-        return tf.reshape(out, images.shape)
-    return tf.transpose(tf.reshape(out, [height, width, n, channels]), [2, 0, 1, 3])
+    height, width, channels = image.shape
+    radius = tf.minimum(tf.cast(tf.math.ceil(3.0 * sigma), tf.int32), min(height, width) - 1)
+    offsets = tf.cast(tf.range(-radius, radius + 1), tf.float32)
+    kernel = tf.exp(-0.5 * tf.square(offsets / sigma))
+    kernel = tf.tile((kernel / tf.reduce_sum(kernel))[:, None], [1, channels])  # [K, C]
+    out = _mirror_pad(image, radius, 0)[None]
+    out = tf.nn.depthwise_conv2d(out, kernel[:, None, :, None], [1, 1, 1, 1], "VALID")[0]
+    out = _mirror_pad(out, radius, 1)[None]
+    out = tf.nn.depthwise_conv2d(out, kernel[None, :, :, None], [1, 1, 1, 1], "VALID")[0]
+    return tf.ensure_shape(out, image.shape)
+
+
+def gaussian_blur(images: tf.Tensor, sigma: tf.Tensor) -> tf.Tensor:
+    """Gaussian blur of each crop of [N, H, W, C] with its own standard deviation sigma[i]
+    pixels (0: unchanged).
+
+    One branch per crop: the crops that are not blurred (half the local crops) cost nothing,
+    and each blurred crop's kernel is only as wide as its own sigma needs.
+    """
+    crops = tf.unstack(images)
+    return _restack([_when(sigma[i] > 0, _blur_one, crop, sigma[i])
+                     for i, crop in enumerate(crops)])
+
+
+def _restack(crops: list[tf.Tensor]) -> tf.Tensor:
+    return tf.expand_dims(crops[0], 0) if len(crops) == 1 else tf.stack(crops)
 
 
 def solarize(images: tf.Tensor, apply) -> tf.Tensor:
@@ -378,12 +387,13 @@ def augment_views(
     flipped crops that share one `crop` policy; `params` holds their N decisions."""
     if photo.color_jitter_prob > 0:
         views = color_jitter(views, params, photo)
-    # Each op runs only when some crop of the stack takes it: a branch per stack is cheap, and
-    # these ops are all-or-nothing for the single-crop stacks of the two global crops.
+    # Grayscale and solarisation run only when some crop of the stack takes them: a branch per
+    # stack is cheap, and they are all-or-nothing for the single-crop global stacks. The blur,
+    # like the hue, costs enough to branch per crop.
     if photo.grayscale_prob > 0:
         views = _when(tf.reduce_any(params.grayscale), grayscale, views, params.grayscale)
     if crop.blur_prob > 0:
-        views = _when(tf.reduce_any(params.blur_sigma > 0), gaussian_blur, views, params.blur_sigma)
+        views = gaussian_blur(views, params.blur_sigma)
     if crop.solarize_prob > 0:
         views = _when(tf.reduce_any(params.solarize), solarize, views, params.solarize)
     return normalize(views, photo.mean, photo.std)

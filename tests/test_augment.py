@@ -1,5 +1,7 @@
 """Augmentation ops: shapes, ranges, determinism per seed and the rate of every random op."""
 
+import math
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -182,6 +184,19 @@ def test_gaussian_blur_per_crop_sigma():
     assert 0.5 * imgs[2].numpy().std() < out[2].std() < imgs[2].numpy().std()
     flat = tf.fill([1, 8, 8, 3], 0.3)
     np.testing.assert_allclose(augment.gaussian_blur(flat, tf.constant([1.0])), flat, atol=1e-6)
+
+
+def test_gaussian_blur_matches_scipy_reference():
+    # scipy's "reflect" mode is TensorFlow's "SYMMETRIC" padding; same truncation radius.
+    from scipy import ndimage
+
+    imgs = _stack(2, 20, 24)
+    sigmas = [1.7, 0.4]
+    out = augment.gaussian_blur(imgs, tf.constant(sigmas)).numpy()
+    for img, blurred, sigma in zip(imgs.numpy(), out, sigmas):
+        expected = ndimage.gaussian_filter(img, sigma, mode="reflect", axes=(0, 1),
+                                           radius=math.ceil(3 * sigma))
+        np.testing.assert_allclose(blurred, expected, atol=2e-6)
 
 
 def test_single_channel_colour_ops_are_noops():
