@@ -19,7 +19,6 @@ crops that skip an op get identity parameters instead of a branch each.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 from typing import NamedTuple, Sequence
 
@@ -381,20 +380,23 @@ def color_jitter(images: tf.Tensor, params: ViewParams, photo: PhotometricPolicy
 
 
 def augment_views(
-    views: tf.Tensor, params: ViewParams, crop: CropPolicy, photo: PhotometricPolicy
+    views: tf.Tensor, params: ViewParams, crops: Sequence[CropPolicy], photo: PhotometricPolicy
 ) -> tf.Tensor:
     """Colour jitter, grayscale, blur, solarisation and normalisation of [N, S, S, C] resized,
-    flipped crops that share one `crop` policy; `params` holds their N decisions."""
+    flipped crops with policies `crops`; `params` holds their N decisions.
+
+    The policies differ only in probabilities, which `params` already carries per crop, so one
+    stack serves crop kinds together (the two global crops): every op runs once on the stack.
+    """
     if photo.color_jitter_prob > 0:
         views = color_jitter(views, params, photo)
     # Grayscale and solarisation run only when some crop of the stack takes them: a branch per
-    # stack is cheap, and they are all-or-nothing for the single-crop global stacks. The blur,
-    # like the hue, costs enough to branch per crop.
+    # stack is cheap. The blur, like the hue, costs enough to branch per crop.
     if photo.grayscale_prob > 0:
         views = _when(tf.reduce_any(params.grayscale), grayscale, views, params.grayscale)
-    if crop.blur_prob > 0:
+    if any(c.blur_prob > 0 for c in crops):
         views = gaussian_blur(views, params.blur_sigma)
-    if crop.solarize_prob > 0:
+    if any(c.solarize_prob > 0 for c in crops):
         views = _when(tf.reduce_any(params.solarize), solarize, views, params.solarize)
     return normalize(views, photo.mean, photo.std)
 
@@ -410,9 +412,8 @@ def multi_crop(
     photo: PhotometricPolicy,
 ) -> list[tf.Tensor]:
     """All views of one decoded [H, W, C] image: one float [N, S, S, C] stack per group of
-    `crop_groups` (e.g. [global crops, local crops]; a group's crops share their size).
-
-    Consecutive crops with the same policy are augmented together, as one stack.
+    `crop_groups` (e.g. [global crops, local crops]; a group's crops share their size, and are
+    augmented together as one stack).
     """
     crops = [c for group in crop_groups for c in group]
     for group in crop_groups:
@@ -427,13 +428,10 @@ def multi_crop(
     ]
     out, start = [], 0
     for group in crop_groups:
-        parts = []
-        for policy, run in itertools.groupby(group):
-            stop = start + len(list(run))
-            run_params = ViewParams(*(p[start:stop] for p in params))
-            parts.append(augment_views(tf.stack(views[start:stop]), run_params, policy, photo))
-            start = stop
-        out.append(parts[0] if len(parts) == 1 else tf.concat(parts, 0))
+        stop = start + len(group)
+        group_params = ViewParams(*(p[start:stop] for p in params))
+        out.append(augment_views(_restack(views[start:stop]), group_params, group, photo))
+        start = stop
     return out
 
 
