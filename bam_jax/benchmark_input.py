@@ -139,26 +139,41 @@ def main() -> None:
     parser.add_argument("--no_antialias", action="store_true",
                         help="config.data.resize_antialias=False (faster, less PIL-faithful)")
     parser.add_argument("--torchvision", action="store_true")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="repeat and print medians (ratios are taken within each round)")
     args = parser.parse_args()
     # Before any TensorFlow op runs: importing the pipeline sets TensorFlow's thread pools.
     from bam_jax import input_pipeline  # noqa: F401
 
     with tempfile.TemporaryDirectory() as root:
         write_jpegs(root, args.num_images, args.content)
-        for threads in args.threads:
-            rate, per_cpu = benchmark_tf(
-                root, threads, args.batch, args.num_batches, not args.no_antialias)
-            print(f"tf.data   threads={threads}: {rate:7.1f} images/s, {per_cpu:6.1f} images per "
-                  f"CPU-second; 2x224 + 6x96 crops, {args.content} JPEGs, "
-                  f"antialias={not args.no_antialias}")
-            if args.torchvision:
-                tv = _torchvision_in_child(root, threads, args.batch, args.num_batches)
-                if tv is None:
-                    print("torchvision: not importable, skipped")
-                else:
-                    print(f"torchvision threads={threads}: {tv:7.1f} images/s; tf.data is "
-                          f"{rate / tv:.2f}x")
-
+        rates = {t: [] for t in args.threads}
+        ratios = {t: [] for t in args.threads}
+        # Rounds alternate the two sides, so that both see the same drift of a shared machine.
+        for _ in range(args.rounds):
+            for threads in args.threads:
+                rate, per_cpu = benchmark_tf(
+                    root, threads, args.batch, args.num_batches, not args.no_antialias)
+                rates[threads].append(rate)
+                print(f"tf.data   threads={threads}: {rate:7.1f} images/s, {per_cpu:6.1f} images "
+                      f"per CPU-second; 2x224 + 6x96 crops, {args.content} JPEGs, "
+                      f"antialias={not args.no_antialias}")
+                if args.torchvision:
+                    tv = _torchvision_in_child(root, threads, args.batch, args.num_batches)
+                    if tv is None:
+                        print("torchvision: not importable, skipped")
+                        args.torchvision = False
+                    else:
+                        ratios[threads].append(rate / tv)
+                        print(f"torchvision threads={threads}: {tv:7.1f} images/s; tf.data is "
+                              f"{rate / tv:.2f}x")
+        if args.rounds > 1:
+            for threads in args.threads:
+                line = f"median of {args.rounds} rounds, threads={threads}: tf.data " \
+                       f"{np.median(rates[threads]):.1f} images/s"
+                if ratios[threads]:
+                    line += f", {np.median(ratios[threads]):.2f}x torchvision"
+                print(line)
 
 if __name__ == "__main__":
     main()
