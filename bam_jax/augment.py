@@ -234,9 +234,7 @@ def adjust_hue(images: tf.Tensor, delta: tf.Tensor, apply: tf.Tensor) -> tf.Tens
     skipping the unchanged crops pays, as this is the costliest colour op."""
     if images.shape[-1] == 1:
         return images
-    crops = tf.unstack(images)
-    return _restack([_when(apply[i], tf.image.adjust_hue, crop, delta[i])
-                     for i, crop in enumerate(crops)])
+    return _branch_per_crop(apply, tf.image.adjust_hue, images, delta)
 
 
 def grayscale(images: tf.Tensor, apply: tf.Tensor) -> tf.Tensor:
@@ -282,9 +280,14 @@ def gaussian_blur(images: tf.Tensor, sigma: tf.Tensor) -> tf.Tensor:
     One branch per crop: the crops that are not blurred (half the local crops) cost nothing,
     and each blurred crop's kernel is only as wide as its own sigma needs.
     """
+    return _branch_per_crop(sigma > 0, _blur_one, images, sigma)
+
+
+def _branch_per_crop(apply: tf.Tensor, op, images: tf.Tensor, args: tf.Tensor) -> tf.Tensor:
+    """op(crop i, args[i]) where apply[i], crop i unchanged elsewhere: one branch per crop, for
+    the costly ops, so that the crops skipping them cost nothing."""
     crops = tf.unstack(images)
-    return _restack([_when(sigma[i] > 0, _blur_one, crop, sigma[i])
-                     for i, crop in enumerate(crops)])
+    return _restack([_when(apply[i], op, crop, args[i]) for i, crop in enumerate(crops)])
 
 
 def _restack(crops: list[tf.Tensor]) -> tf.Tensor:

@@ -49,7 +49,7 @@ def _run_ops_single_threaded() -> None:
     tf.data already spreads whole images over its own threads (`num_parallel_calls`). When each
     op of an image also splits itself over TensorFlow's shared intra-op and inter-op pools, the
     hand-offs cost more than they save: measured with `bam_jax.benchmark_input`, one pool thread
-    each gives 1.6x (one tf.data thread) to 1.9x (two) the images/s on the same cores.
+    each gives 1.7x (one tf.data thread) to 1.9x (two) the images/s on the same cores.
     """
     try:
         tf.config.threading.set_intra_op_parallelism_threads(1)
