@@ -120,36 +120,60 @@ def make_schedules(config: ml_collections.ConfigDict, steps_per_epoch: int,
     )
 
 
+def clip_by_global_norm_as_torch(max_norm: float) -> optax.GradientTransformation:
+    """torch.nn.utils.clip_grad_norm_: scale by min(1, max_norm / (norm + 1e-6)).
+
+    optax.clip_by_global_norm divides by the norm itself; the official step adds torch's 1e-6.
+    """
+    def clip(updates, params=None):
+        del params
+        scale = jnp.minimum(1.0, max_norm / (optax.tree.norm(updates) + 1e-6))
+        return jax.tree.map(lambda g: g * scale.astype(g.dtype), updates)
+
+    return optax.stateless(clip)
+
+
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
     """Clip by global norm, then AdamW/SGD/LARS with lr and weight decay injected per step.
 
-    Weight decay is masked off biases and norm scales (every parameter with fewer than 2 dims),
-    as the official `get_params_groups`.
+    As the official `get_params_groups`, weight decay goes on every parameter with at least 2
+    dims (the CLS token too) and never on biases or norm scales. The masks are closures of the
+    factory, not its arguments: `inject_hyperparams` would take a callable argument for a
+    schedule of the step count and silently turn the mask into `False`.
     """
     opt = config.optimizer
 
-    def decay_mask(params):
+    def decayed(params):
         return jax.tree.map(lambda p: p.ndim > 1, params)
 
-    if opt.name == "adamw":
-        base = optax.inject_hyperparams(optax.adamw)(
-            learning_rate=0.0, weight_decay=0.0, b1=opt.b1, b2=opt.b2, mask=decay_mask)
-    elif opt.name == "sgd":
-        base = optax.inject_hyperparams(
-            lambda learning_rate, weight_decay: optax.chain(
-                optax.add_decayed_weights(weight_decay, mask=decay_mask),
-                optax.sgd(learning_rate, momentum=opt.momentum)))(
-            learning_rate=0.0, weight_decay=0.0)
-    elif opt.name == "lars":
-        base = optax.inject_hyperparams(optax.lars)(
-            learning_rate=0.0, weight_decay=0.0, momentum=opt.momentum,
-            weight_decay_mask=decay_mask, trust_ratio_mask=decay_mask)
-    else:
+    def adamw(learning_rate, weight_decay):
+        # torch.optim.AdamW: decoupled decay p *= 1 - lr * wd, eps added outside the sqrt.
+        return optax.adamw(learning_rate, b1=opt.b1, b2=opt.b2, eps=1e-8,
+                           weight_decay=weight_decay, mask=decayed)
+
+    def sgd(learning_rate, weight_decay):
+        # torch.optim.SGD: buf = momentum * buf + (g + wd * p); p -= lr * buf.
+        return optax.chain(optax.add_decayed_weights(weight_decay, mask=decayed),
+                           optax.trace(decay=opt.momentum),
+                           optax.scale_by_learning_rate(learning_rate))
+
+    def lars(learning_rate, weight_decay):
+        # The official utils.LARS: decay and trust ratio (eta 0.001) on >= 2-dim parameters,
+        # momentum over the scaled update, and lr applied *after* the momentum (optax.lars
+        # applies it before, which differs whenever the lr changes between steps).
+        return optax.chain(
+            optax.add_decayed_weights(weight_decay, mask=decayed),
+            optax.masked(optax.scale_by_trust_ratio(trust_coefficient=0.001), decayed),
+            optax.trace(decay=opt.momentum),
+            optax.scale_by_learning_rate(learning_rate))
+
+    factories = {"adamw": adamw, "sgd": sgd, "lars": lars}
+    if opt.name not in factories:
         raise ValueError(f"config.optimizer.name={opt.name!r} is not one of adamw, sgd, lars")
-    chain = [base]
+    base = optax.inject_hyperparams(factories[opt.name])(learning_rate=0.0, weight_decay=0.0)
     if opt.clip_grad > 0:
-        chain.insert(0, optax.clip_by_global_norm(opt.clip_grad))
-    return optax.chain(*chain)
+        return optax.chain(clip_by_global_norm_as_torch(opt.clip_grad), base)
+    return optax.chain(base)
 
 
 def set_hyperparams(opt_state, learning_rate, weight_decay):
