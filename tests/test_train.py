@@ -221,10 +221,11 @@ def _run_ours(name, params, grads, lrs, wds, clip_grad=0.0):
 class _OfficialLARS:
     """utils.LARS of the official code (from Barlow Twins), on plain tensors."""
 
-    def __init__(self, groups, momentum=0.9, eta=0.001):
-        self.groups, self.momentum, self.eta, self.mu = groups, momentum, eta, {}
+    def __init__(self, torch, groups, momentum=0.9, eta=0.001):
+        self.torch, self.groups, self.momentum, self.eta, self.mu = torch, groups, momentum, eta, {}
 
     def step(self):
+        torch = self.torch
         for g in self.groups:
             for p in g["params"]:
                 dp = p.grad
@@ -241,6 +242,7 @@ class _OfficialLARS:
 
 
 def _run_torch(name, params, grads, lrs, wds, clip_grad=0.0):
+    torch = pytest.importorskip("torch")
     tensors = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
     # get_params_groups: biases and 1-dim parameters are not regularized.
     groups = [{"params": [t for t in tensors.values() if t.ndim > 1]},
@@ -250,7 +252,7 @@ def _run_torch(name, params, grads, lrs, wds, clip_grad=0.0):
     elif name == "sgd":
         optimizer = torch.optim.SGD(groups, lr=0, momentum=0.9)
     else:
-        optimizer = _OfficialLARS(groups)
+        optimizer = _OfficialLARS(torch, groups)
     opt_groups = optimizer.param_groups if name != "lars" else optimizer.groups
     for g, lr, wd in zip(grads, lrs, wds):
         for i, group in enumerate(opt_groups):  # utils.update_lr_and_wd
@@ -268,8 +270,6 @@ def _run_torch(name, params, grads, lrs, wds, clip_grad=0.0):
 
 @pytest.mark.parametrize("name", ["adamw", "sgd", "lars"])
 def test_optimizer_steps_equal_the_official_ones(name):
-    torch_ = pytest.importorskip("torch")
-    globals()["torch"] = torch_
     params = _params()
     rng = np.random.default_rng(1)
     grads = [{k: rng.normal(size=v.shape).astype(np.float32) for k, v in params.items()}
