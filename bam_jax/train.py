@@ -219,8 +219,18 @@ def init_state(create_model: Callable, optimizer: optax.GradientTransformation,
         step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
         opt_state=optimizer.init(params),
         teacher_params=jax.tree.map(jnp.copy, params) if use_teacher else None,
-        teacher_model_state=jax.tree.map(jnp.copy, model_state) if use_teacher else None,
+        teacher_model_state=_with_own_random_streams(model_state) if use_teacher else None,
         nonfinite_steps=jnp.zeros((), jnp.int32))
+
+
+def _with_own_random_streams(model_state: nnx.State) -> nnx.State:
+    """A copy whose RNG keys (drop path) differ: two torch modules draw independent masks."""
+    def copy(leaf):
+        if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            return jax.random.fold_in(leaf, 1)
+        return jnp.copy(leaf)
+
+    return jax.tree.map(copy, model_state)
 
 
 def state_shardings(abstract_state: TrainState, mesh: jax.sharding.Mesh,

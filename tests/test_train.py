@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
+from flax import nnx
 
 from bam_jax import train
 from configs import default as default_config
@@ -297,3 +298,24 @@ def test_zero_gradient_update_decays_exactly_the_matrices(name):
             np.testing.assert_allclose(new[k], p * (1.0 - factor), rtol=1e-6, err_msg=k)
         else:
             np.testing.assert_array_equal(new[k], p, err_msg=k)
+
+
+@pytest.mark.parametrize("drop_path_rate", [0.0, 0.2])
+def test_teacher_draws_its_own_drop_path_masks(drop_path_rate):
+    config = tiny_config()
+    config.model.drop_path_rate = drop_path_rate
+    graphdef, make_state, _, _ = train.state_layout(
+        train.model_factory(config), train.make_optimizer(config), True,
+        train.make_mesh(config), config.mesh.fsdp_min_size)
+    state = make_state()
+    images = jax.random.normal(jax.random.key(0), (4, 2, 28, 28, 1))
+
+    def forward(params, model_state):
+        return nnx.merge(graphdef, params, model_state)(images, deterministic=False)
+
+    student = forward(state.params, state.model_state)
+    teacher = forward(state.teacher_params, state.teacher_model_state)  # same weights
+    if drop_path_rate:
+        assert np.abs(student - teacher).max() > 1e-3
+    else:
+        np.testing.assert_array_equal(student, teacher)
