@@ -137,10 +137,13 @@ def _pretraining(config: ml_collections.ConfigDict, mesh):
     if config.pretrained_workdir:
         pre_config = train.read_run_config(config.pretrained_workdir)
     elif config.random_init:
-        pre_config = config.pretrain
+        pre_config = config.pretrain.copy_and_resolve_references()
     else:
         raise ValueError("set --config.pretrained_workdir=DIR (a pretraining workdir) or "
                          "--config.random_init=True for the random-init baseline")
+    # The official eval_linear.py runs the frozen backbone in float32, whatever the pretraining
+    # compute dtype was (the parameters are float32 either way, so the checkpoint still fits).
+    pre_config.model.dtype = config.backbone_dtype
     graphdef, state, step = train.restore_run(
         pre_config, config.pretrained_workdir, mesh, fsdp_min_size=config.mesh.fsdp_min_size,
         random_init=config.random_init, random_init_flag="--config.random_init=True")

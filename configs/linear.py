@@ -29,6 +29,7 @@ def get_config():
     config.n_last_blocks = 1  # CLS tokens of the last n blocks (ViT only)
     config.avgpool = True  # also the mean patch token of the last block (ViT only)
     config.bn_head = True  # non-affine BatchNorm (eps 1e-6) before the linear layer
+    config.backbone_dtype = "float32"  # the official probe runs the backbone without autocast
     # Official: SGD momentum 0.9, lr 0.002 x batch/256, no weight decay, cosine to 0 (per epoch
     # there, per step here). Field names are those train.make_optimizer reads.
     config.optimizer = ml_collections.ConfigDict(dict(

@@ -100,3 +100,25 @@ def test_workdir_without_checkpoint_is_one_clear_error(pretrained, tmp_path):
     config.pretrained_workdir = ""
     with pytest.raises(ValueError, match="pretrained_workdir=DIR"):
         linear_probe.train_linear(config, str(tmp_path / "probe"))
+
+
+def test_backbone_runs_in_float32_whatever_the_pretraining_dtype():
+    config = linear_default.get_config()
+    config.random_init = True
+    config.pretrain.model.update(backbone="vit", vit_variant="custom", width=32, depth=2,
+                                 num_heads=2, patch_size=4, dtype="bfloat16")
+    config.mesh.num_devices = 1
+    graphdef, backbone, _ = linear_probe._pretraining(config, train.make_mesh(config))
+    images = jax.random.normal(jax.random.key(0), (4, 28, 28, 1))
+    probe = linear_probe.make_feature_fn(config, graphdef)(backbone, images)
+
+    def features(dtype):
+        pretrain = config.pretrain.copy_and_resolve_references()
+        pretrain.model.dtype = dtype
+        model = train.model_factory(pretrain)()
+        nnx.update(model, backbone[0])
+        return model.backbone.features(images, n_last_blocks=config.n_last_blocks,
+                                       avgpool=config.avgpool)
+
+    np.testing.assert_array_equal(probe, features("float32"))
+    assert np.abs(np.asarray(probe) - np.asarray(features("bfloat16"))).max() > 1e-4
