@@ -13,11 +13,11 @@ mlp.fc2}, norm) plus `num_heads` in its metadata, since heads cannot be read off
 timm: `m = timm.create_model("vit_small_patch16_224", num_classes=0, num_heads=12,
 dynamic_img_size=True); m.load_state_dict(safetensors.torch.load_file(path))`.
 
-Crop sizes: at the native size (the one pos_embed was built for) the converted model gives the
-same features as the PyTorch one. For other sizes the position table is resampled, and
-`models.VisionTransformer` does torch bicubic *without* antialiasing, whereas the official BAM
-ViT (timm `resample_abs_pos_embed`, antialias=True) and DINO (`interpolate_pos_encoding`,
-scale_factor with a +0.1 offset) resample differently, so features there differ.
+Crop sizes: `models.VisionTransformer` resamples the position table for other crop sizes with
+torch's antialiased bicubic, as the official BAM ViT (timm `resample_abs_pos_embed`) does, so
+a converted official checkpoint gives the PyTorch model's features at every crop size. DINO's own
+ViT (`interpolate_pos_encoding`: scale_factor with a +0.1 offset, no antialiasing) resamples
+differently, so a DINO checkpoint matches its PyTorch model at the native size only.
 """
 
 from __future__ import annotations
