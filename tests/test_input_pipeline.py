@@ -259,3 +259,234 @@ def test_tfds_source_resume_and_eval_sharding(tmp_path):
     batches = [b for p in range(2) for b in ip.create_eval_dataset(
         c, "test", global_batch_size=4, process_index=p, process_count=2).as_numpy_iterator()]
     assert len(batches) == 4 and sum(b["mask"].sum() for b in batches) == 7
+
+
+def _plain(config):
+    """No photometric op and identity normalisation: a crop's pixels are the image's, in [0, 1]."""
+    config.color_jitter_prob = 0.0
+    config.grayscale_prob = 0.0
+    config.blur_probs = (0.0, 0.0, 0.0)
+    config.solarize_prob = 0.0
+    channels = ip.num_channels(config)
+    config.mean, config.std = (0.0,) * channels, (1.0,) * channels
+    return config
+
+
+class ConstDigits(tfds.core.GeneratorBasedBuilder):
+    """21 + 7 examples in 4 + 1 TFRecord files; example i is the constant image 10 * i, so that
+    a view's pixels tell which example it came from."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(12, 10, 1)),
+            "label": tfds.features.ClassLabel(num_classes=3)}))
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples(21), "test": self._generate_examples(7)}
+
+    def _generate_examples(self, n):
+        for i in range(n):
+            yield i, {"image": np.full((12, 10, 1), 10 * i, np.uint8), "label": i % 3}
+
+
+@pytest.fixture(scope="module")
+def const_tfds(tmp_path_factory):
+    data_dir = os.fspath(tmp_path_factory.mktemp("tfds"))
+    ConstDigits(data_dir=data_dir).download_and_prepare(
+        download_config=tfds.download.DownloadConfig(num_shards=4))
+    c = _tiny(local=0)
+    c.source = "tfds"
+    c.tfds_name = "const_digits"
+    c.data_dir = data_dir
+    return _plain(c)
+
+
+def _stored_values(config, split):
+    """Pixel value of each ConstDigits example in stored order, i.e. by index in the split."""
+    builder = tfds.builder("const_digits", data_dir=config.data_dir)
+    ds = builder.as_dataset(split, shuffle_files=False)
+    return np.array([int(ex["image"][0, 0, 0]) for ex in ds])
+
+
+def _keys(batches):
+    """ConstDigits key (value / 10) of the example behind every row of train batches."""
+    values = np.concatenate([b["global_crops"][:, 0].mean(axis=(1, 2, 3)) for b in batches])
+    return np.round(values * 255 / 10).astype(int)
+
+
+def test_read_tfrecords_slice_of_permuted_files(const_tfds):
+    c = const_tfds
+    src = ip._source(c)
+    paths, lengths = src.tfds_shards("train")
+    assert lengths == [5, 5, 6, 5]
+    order = [2, 0, 3, 1]  # positions: file 2 at 0..5, file 0 at 6..10, file 3 at 11..15, ...
+    ds = ip._read_tfrecords(paths, lengths, tf.constant(order), 3, 17, files_at_once=1)
+    example = src.example_fn("train")
+    pairs = [(int(i), int(example(i, r)[0][0, 0, 0])) for i, r in ds]
+    stored = np.cumsum([0] + lengths)
+    expected = np.concatenate([np.arange(stored[f], stored[f + 1]) for f in order])[3:17]
+    assert [i for i, _ in pairs] == expected.tolist()
+    values = _stored_values(c, "train")
+    assert all(v == values[i] for i, v in pairs)  # the index is the record's place in the split
+
+
+def test_tfds_epochs_permute_files(const_tfds):
+    # A one-record shuffle buffer leaves only the per-epoch file permutation and interleave.
+    c = const_tfds.copy_and_resolve_references()
+    c.shuffle_buffer = 1
+    epochs = _keys(_take(ip.create_pretrain_dataset(c, global_batch_size=3, seed=0), 14))
+    first, second = epochs[:21], epochs[21:]
+    assert sorted(first) == sorted(second) == list(range(21))
+    assert not np.array_equal(first, second)
+    hosts = [_keys(_take(ip.create_pretrain_dataset(c, global_batch_size=4, seed=0,
+                                                    process_index=p, process_count=2), 10))
+             for p in range(2)]
+    for e in range(2):  # 10 examples per host per epoch, the 21st dropped
+        block = [set(h[10 * e : 10 * (e + 1)]) for h in hosts]
+        assert len(block[0]) == len(block[1]) == 10 and not block[0] & block[1]
+    assert set(hosts[0][:10]) != set(hosts[0][10:])  # the files move between hosts
+
+
+def test_tfds_resume_mid_epoch_with_buffer(const_tfds):
+    c = const_tfds.copy_and_resolve_references()
+    c.shuffle_buffer = 4
+    kwargs = dict(global_batch_size=4, seed=7, process_index=1, process_count=2)
+    full = _take(ip.create_pretrain_dataset(c, **kwargs), 9)
+    resumed = _take(ip.create_pretrain_dataset(c, start_step=3, **kwargs), 6)
+    for a, b in zip(full[3:], resumed):
+        np.testing.assert_array_equal(a["global_crops"], b["global_crops"])
+    assert sorted(_keys(full[:5])) != sorted(_keys(full[5:]))
+
+
+def _box_batches(c, image_size, batch, count):
+    return [list(ip.create_box_dataset(c, image_size=image_size, global_batch_size=batch,
+                                       process_index=p, process_count=count).as_numpy_iterator())
+            for p in range(count)]
+
+
+def test_box_dataset_covers_split_once(const_tfds):
+    hosts = _box_batches(const_tfds, 8, 4, 2)
+    values = _stored_values(const_tfds, "train")
+    assert len(hosts[0]) == len(hosts[1]) == ip.num_eval_batches(21, 4, 2)
+    indices = []
+    for batches in hosts:
+        for b in batches:
+            assert set(b) == {"image", "index", "mask"}
+            assert b["image"].shape == (2, 8, 8, 1) and b["index"].dtype == np.int32
+            assert (b["index"][~b["mask"]] == -1).all()
+            real = b["image"][b["mask"]]
+            # Each image must be the example its index names in tfds's stored order.
+            expected = values[b["index"][b["mask"]]][:, None, None, None] / 255
+            np.testing.assert_allclose(real, np.broadcast_to(expected, real.shape), atol=1e-5)
+            indices += b["index"][b["mask"]].tolist()
+    assert indices == list(range(21))  # each once, host 0's first, in index order
+    assert not hosts[1][-1]["mask"].all()
+
+
+def test_box_dataset_in_memory_covers_split_once():
+    hosts = _box_batches(_tiny(), 4, 1000, 2)
+    assert len(hosts[0]) == len(hosts[1]) == 4  # 2,000 examples each, 500 a batch
+    indices = [i for h in hosts for b in h for i in b["index"][b["mask"]]]
+    assert indices == list(range(4000))
+
+
+def test_box_dataset_resize_is_pil_bilinear():
+    from PIL import Image
+
+    c = _tiny()
+    images = ip.load_mnist_bundled()["train"][0]
+    mean, std = ip.mean_std(c, 1)
+    for size in (12, 56):  # shrinking (antialiased) and enlarging
+        first = _take(ip.create_box_dataset(c, image_size=size, global_batch_size=8), 1)[0]
+        assert first["image"].shape == (8, size, size, 1)
+        assert first["index"].tolist() == list(range(8))
+        for i in range(3):
+            pil = Image.fromarray(images[i, :, :, 0]).resize((size, size), Image.BILINEAR)
+            ours = first["image"][i, :, :, 0] * std[0] + mean[0]
+            np.testing.assert_allclose(ours, np.asarray(pil) / 255.0, atol=1.01 / 255)  # PIL rounds
+
+
+# Quadrant values of every image of `quadrant_folder`, as (top, bottom) x (left, right).
+_QUADRANTS = np.array([[200, 150], [100, 50]])
+
+
+@pytest.fixture(scope="module")
+def quadrant_folder(tmp_path_factory):
+    """train: 2 classes x 3 PNGs of 64 x 64 whose quadrants are constant (`_QUADRANTS`)."""
+    root = tmp_path_factory.mktemp("quadrants")
+    image = np.repeat(np.repeat(_QUADRANTS, 32, 0), 32, 1).astype(np.uint8)
+    for c in range(2):
+        d = root / "train" / f"class_{c}"
+        d.mkdir(parents=True)
+        for i in range(3):
+            (d / f"{i}.png").write_bytes(tf.io.encode_png(np.stack([image] * 3, -1)).numpy())
+    c = _plain(_folder_config(str(root)))
+    c.global_crops_scale = c.local_crops_scale = (0.02, 0.05)  # crops of at most 17 pixels a side
+    return c
+
+
+def _corner_box(top: bool, left: bool):
+    """A box a tenth of the image wide, in one corner."""
+    h = (0.0, 0.1) if top else (0.9, 1.0)
+    w = (0.0, 0.1) if left else (0.9, 1.0)
+    return [h[0], w[0], h[1], w[1]]
+
+
+def _crop_values(batch):
+    """The pixels of all crops of each example of a plain batch, as 0..255: [b, pixels]."""
+    crops = [batch["global_crops"], batch["local_crops"]]
+    return np.concatenate([np.reshape(x, (len(x), -1)) for x in crops], axis=1) * 255
+
+
+def test_boxes_place_crops_in_their_corner(quadrant_folder):
+    c = quadrant_folder
+    # Examples 0-2 are class 0, 3-5 class 1: class 0 gets the top-right box, class 1 bottom-left.
+    boxes = np.array([_corner_box(True, False)] * 3 + [_corner_box(False, True)] * 3, np.float32)
+    for batch in _take(ip.create_pretrain_dataset(c, global_batch_size=4, seed=0, boxes=boxes), 3):
+        expected = np.where(batch["label"] == 0, _QUADRANTS[0, 1], _QUADRANTS[1, 0])
+        values = _crop_values(batch)
+        np.testing.assert_allclose(values, np.broadcast_to(expected[:, None], values.shape),
+                                   atol=1e-3)
+    plain = _take(ip.create_pretrain_dataset(c, global_batch_size=4, seed=0), 3)
+    assert len(np.unique(np.round(np.concatenate([_crop_values(b) for b in plain])))) > 2
+
+
+def test_boxes_apply_from_their_epoch(quadrant_folder):
+    # 6 examples, batch 4: batch 0 is epoch 0, batch 1 half epoch 0 and half epoch 1, then epoch 1.
+    c = quadrant_folder
+    kwargs = dict(global_batch_size=4, seed=3)
+    plain = _take(ip.create_pretrain_dataset(c, **kwargs), 3)
+    corner = _take(ip.create_pretrain_dataset(
+        c, boxes=np.array([_corner_box(True, True)] * 6), ccrop_from_epoch=1, **kwargs), 3)
+    whole = _take(ip.create_pretrain_dataset(
+        c, boxes=np.array([[0.0, 0.0, 1.0, 1.0]] * 6), ccrop_from_epoch=1, **kwargs), 3)
+    for key in ("global_crops", "local_crops"):
+        for boxed in (corner, whole):
+            np.testing.assert_array_equal(boxed[0][key], plain[0][key])
+            np.testing.assert_array_equal(boxed[1][key][:2], plain[1][key][:2])
+    corner_values = np.concatenate([_crop_values(corner[1])[2:], _crop_values(corner[2])])
+    whole_values = np.concatenate([_crop_values(whole[1])[2:], _crop_values(whole[2])])
+    np.testing.assert_allclose(corner_values, _QUADRANTS[0, 0], atol=1e-3)
+    for a, b in zip(corner_values, whole_values):  # every example of epoch 1 is cropped anew
+        assert not np.array_equal(a, b)
+
+
+def test_boxes_resume_exactly(quadrant_folder):
+    c = quadrant_folder
+    boxes = np.random.default_rng(0).uniform(0.0, 0.5, (6, 4)).astype(np.float32)
+    boxes[:, 2:] += 0.5  # (h_min, w_min) < 0.5 <= (h_max, w_max)
+    kwargs = dict(global_batch_size=4, seed=1, boxes=boxes, ccrop_from_epoch=1, ccrop_alpha=0.4)
+    full = _take(ip.create_pretrain_dataset(c, **kwargs), 6)
+    for start in (1, 4):
+        resumed = _take(ip.create_pretrain_dataset(c, start_step=start, **kwargs), 6 - start)
+        for a, b in zip(full[start:], resumed):
+            np.testing.assert_array_equal(a["global_crops"], b["global_crops"])
+            np.testing.assert_array_equal(a["local_crops"], b["local_crops"])
+
+
+def test_boxes_of_wrong_shape_are_clear_error(quadrant_folder):
+    with pytest.raises(ValueError, match=r"boxes must have shape \(6, 4\).*got shape \(5, 4\)"):
+        ip.create_pretrain_dataset(quadrant_folder, global_batch_size=4, seed=0,
+                                   boxes=np.zeros((5, 4), np.float32))
