@@ -5,8 +5,8 @@ randomness from stateless ops keyed by an explicit `seed` (a shape-[2] integer t
 seed always gives the same crops: this is what makes the input stream reproducible and resumable.
 
 The recipe follows the official `DataAugmentationDINO` used by BAM: RandomResizedCrop (bicubic,
-antialiased like PIL), horizontal flip, colour jitter (fixed order, see `color_jitter`), random
-grayscale, Gaussian blur, solarisation (second global crop only) and mean/std normalisation.
+antialiased like PIL), horizontal flip, colour jitter (a random order per crop, as torchvision),
+random grayscale, Gaussian blur, solarisation (second global crop only) and mean/std normalisation.
 Images are float32 in [0, 1] between ops; the photometric ops accept one or three channels (on
 one channel the ops that need colour - saturation, hue, grayscale - are no-ops).
 
@@ -14,13 +14,15 @@ Speed shapes the layout: in tf.data each TensorFlow op costs microseconds of ove
 its size, so all random decisions of an image's views are drawn at once (`sample_view_params`)
 and the photometric ops run on a stack of crops [N, H, W, C] (static shape) with one parameter
 per crop, where crops that skip a cheap op get identity parameters instead of a branch each; the
-two costly ops, hue and blur, branch per crop. The input pipeline runs every TensorFlow op on
-one thread (see `input_pipeline`), which is what these choices were measured under.
+colour jitter (whose order differs per crop) and the costly blur branch per crop. The input
+pipeline runs every TensorFlow op on one thread (see `input_pipeline`), which is what these
+choices were measured under.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from typing import NamedTuple, Sequence
 
@@ -33,6 +35,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _LUMA = (0.299, 0.587, 0.114)
 # PIL's ImageOps.solarize(threshold=128) inverts pixels >= 128 of 255.
 _SOLARIZE_THRESHOLD = 128.0 / 255.0
+# The 24 orders of ColorJitter's four adjustments (0 brightness, 1 contrast, 2 saturation, 3 hue).
+_JITTER_ORDERS = tuple(itertools.permutations(range(4)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,14 +94,24 @@ def random_resized_crop_windows(
     fits is used, else the centre crop with the aspect ratio clamped to `ratio`. All windows of an
     image are drawn in one vectorised pass, because per-crop small ops dominate tf.data's cost.
     """
-    n = len(scales)
-    scales = tf.constant(scales, tf.float32)[:, None, :]
+    u = _uniform(seed, [len(scales), attempts + 1, 2])
     h = tf.cast(height, tf.float32)
     w = tf.cast(width, tf.float32)
-    u = _uniform(seed, [n, attempts + 1, 2])
-    target_area = h * w * (scales[..., 0] + u[:, :-1, 0] * (scales[..., 1] - scales[..., 0]))
+    ch, cw, found = _crop_sizes(u[:, :-1], h, w, scales, ratio)
+    pos = u[:, -1]  # the last draw places the window
+    y = tf.where(found, tf.floor(pos[:, 0] * (h - ch + 1)), tf.floor((h - ch) / 2))
+    x = tf.where(found, tf.floor(pos[:, 1] * (w - cw + 1)), tf.floor((w - cw) / 2))
+    return tf.cast(tf.stack([y, x, ch, cw], axis=1), tf.int32)
+
+
+def _crop_sizes(u: tf.Tensor, h: tf.Tensor, w: tf.Tensor, scales, ratio):
+    """RandomResizedCrop's size: float (crop height, crop width, whether a proposal fit) per
+    window, from `u`, [n, attempts, 2] uniform (area, log-aspect) draws; the centre crop's size
+    where none fit."""
+    scales = tf.constant(scales, tf.float32)[:, None, :]
+    target_area = h * w * (scales[..., 0] + u[..., 0] * (scales[..., 1] - scales[..., 0]))
     log_r0, log_r1 = math.log(ratio[0]), math.log(ratio[1])
-    aspect = tf.exp(log_r0 + u[:, :-1, 1] * (log_r1 - log_r0))
+    aspect = tf.exp(log_r0 + u[..., 1] * (log_r1 - log_r0))
     crop_w = tf.round(tf.sqrt(target_area * aspect))
     crop_h = tf.round(tf.sqrt(target_area / aspect))
     fits = (crop_w > 0) & (crop_h > 0) & (crop_w <= w) & (crop_h <= h)
@@ -109,10 +123,48 @@ def random_resized_crop_windows(
     fallback_h = tf.where(in_ratio < ratio[0], tf.round(w / ratio[0]), h)
     ch = tf.where(found, tf.gather(crop_h, first, batch_dims=1)[:, 0], fallback_h)
     cw = tf.where(found, tf.gather(crop_w, first, batch_dims=1)[:, 0], fallback_w)
-    pos = u[:, -1]  # the last draw places the window
-    y = tf.where(found, tf.floor(pos[:, 0] * (h - ch + 1)), tf.floor((h - ch) / 2))
-    x = tf.where(found, tf.floor(pos[:, 1] * (w - cw + 1)), tf.floor((w - cw) / 2))
-    return tf.cast(tf.stack([y, x, ch, cw], axis=1), tf.int32)
+    return ch, cw, found
+
+
+def contrastive_crop_windows(
+    seed: tf.Tensor,
+    height: tf.Tensor,
+    width: tf.Tensor,
+    scales: Sequence[Sequence[float]],
+    box: tf.Tensor,
+    alpha: float | tf.Tensor,
+    ratio: Sequence[float] = (3.0 / 4.0, 4.0 / 3.0),
+    attempts: int = 10,
+) -> tf.Tensor:
+    """ContrastiveCrop's windows (official `ContrastiveCrop.get_params`): int32 [n, 4] of
+    (y, x, h, w), one per entry of `scales`, like `random_resized_crop_windows`.
+
+    The sizes are RandomResizedCrop's, from the same draws (the same seed gives the same sizes).
+    A fitting window is then centred between the corners of `box`, float32 (h_min, w_min, h_max,
+    w_max) as fractions of the image, and kept inside the image: per axis, with ch0 and ch1 the
+    top-left corners of the windows centred on the box's two edges (clamped to the image),
+    y = ch0 + int((ch1 - ch0) * b), b ~ Beta(alpha, alpha), which favours the box's edges for
+    alpha < 1 (BAM's default is 0.6). Where no proposal fits: the centre crop, as in
+    RandomResizedCrop.
+    """
+    n = len(scales)
+    u = _uniform(seed, [n, attempts + 1, 2])
+    extent = tf.stack([height, width])
+    h, w = tf.unstack(tf.cast(extent, tf.float32))
+    ch, cw, found = _crop_sizes(u[:, :-1], h, w, scales, ratio)
+    size = tf.cast(tf.stack([ch, cw], axis=1), tf.int32)  # [n, 2]: (h, w)
+    # int(height * h0) on the official code's Python floats: float64, truncated.
+    box_corners = tf.reshape(tf.cast(box, tf.float64), [2, 2])  # [(h_min, w_min), (h_max, w_max)]
+    box_pixels = tf.cast(tf.cast(extent, tf.float64) * box_corners, tf.int32)
+    lowest = tf.minimum(tf.maximum(box_pixels[0] - size // 2, 0), extent - size)
+    highest = tf.minimum(tf.maximum(box_pixels[1] - size // 2, 0), extent - size)
+    # Beta(a, a) as G1 / (G1 + G2) of Gamma(a) draws, from a seed apart from the sizes' draws;
+    # divide_no_nan covers both draws underflowing to 0, possible for a tiny alpha.
+    gammas = tf.random.stateless_gamma([2, n, 2], split_seed(seed, 1)[0], alpha=alpha)
+    beta = tf.math.divide_no_nan(gammas[0], gammas[0] + gammas[1])
+    corner = lowest + tf.cast(tf.cast(highest - lowest, tf.float32) * beta, tf.int32)
+    centred = (extent - size) // 2
+    return tf.concat([tf.where(found[:, None], corner, centred), size], axis=1)
 
 
 def _resize_rows(image: tf.Tensor, size) -> tf.Tensor:
@@ -213,8 +265,8 @@ def adjust_contrast(images: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
     mean = tf.linalg.matvec(tf.reshape(images, [-1, height * width * channels]),
                             tf.constant(np.tile(luma, height * width)))
     factor = _per_crop(factor)
-    # factor >= 0 and mean in [0, 1]: the blend is >= 0 everywhere, only the top needs clipping.
-    return tf.minimum(factor * images + (1.0 - factor) * _per_crop(mean), 1.0)
+    # A factor above 1 pushes the pixels below the mean under 0: both ends need clipping.
+    return tf.clip_by_value(factor * images + (1.0 - factor) * _per_crop(mean), 0.0, 1.0)
 
 
 def adjust_saturation(images: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
@@ -228,13 +280,13 @@ def adjust_saturation(images: tf.Tensor, factor: tf.Tensor) -> tf.Tensor:
     return tf.clip_by_value(_channel_mix(images, matrices), 0.0, 1.0)
 
 
-def adjust_hue(images: tf.Tensor, delta: tf.Tensor, apply: tf.Tensor) -> tf.Tensor:
-    """Rotates the hue of crop i by delta[i] turns (torchvision's hue_factor) where apply[i];
-    no-op on one channel. TensorFlow's hue kernel takes one delta, hence one branch per crop:
-    skipping the unchanged crops pays, as this is the costliest colour op."""
+def adjust_hue(images: tf.Tensor, delta: tf.Tensor) -> tf.Tensor:
+    """Rotates the hue of crop i by delta[i] turns (torchvision's hue_factor); no-op on one
+    channel. TensorFlow's hue kernel takes one delta, hence one call per crop."""
     if images.shape[-1] == 1:
         return images
-    return _branch_per_crop(apply, tf.image.adjust_hue, images, delta)
+    return _restack([tf.image.adjust_hue(crop, delta[i])
+                     for i, crop in enumerate(tf.unstack(images))])
 
 
 def grayscale(images: tf.Tensor, apply: tf.Tensor) -> tf.Tensor:
@@ -283,11 +335,14 @@ def gaussian_blur(images: tf.Tensor, sigma: tf.Tensor) -> tf.Tensor:
     return _branch_per_crop(sigma > 0, _blur_one, images, sigma)
 
 
-def _branch_per_crop(apply: tf.Tensor, op, images: tf.Tensor, args: tf.Tensor) -> tf.Tensor:
-    """op(crop i, args[i]) where apply[i], crop i unchanged elsewhere: one branch per crop, for
-    the costly ops, so that the crops skipping them cost nothing."""
+def _branch_per_crop(apply: tf.Tensor, op, images: tf.Tensor, *args: tf.Tensor) -> tf.Tensor:
+    """op(crop i, *(a[i] for a in args)) where apply[i], crop i unchanged elsewhere: one branch
+    per crop, for the costly ops, so that the crops skipping them cost nothing."""
     crops = tf.unstack(images)
-    return _restack([_when(apply[i], op, crop, args[i]) for i, crop in enumerate(crops)])
+    return _restack([
+        tf.cond(apply[i], lambda crop=crop, i=i: op(crop, *(a[i] for a in args)),
+                lambda crop=crop: crop)
+        for i, crop in enumerate(crops)])
 
 
 def _restack(crops: list[tf.Tensor]) -> tf.Tensor:
@@ -333,20 +388,36 @@ class ViewParams(NamedTuple):
     saturation: tf.Tensor
     hue: tf.Tensor  # float turns
     jitter: tf.Tensor  # bool: ColorJitter applied
+    jitter_order: tf.Tensor  # int32 [N, 4]: 0 brightness, 1 contrast, 2 saturation, 3 hue
     grayscale: tf.Tensor  # bool
     blur_sigma: tf.Tensor  # float pixels, 0: no blur
     solarize: tf.Tensor  # bool
 
 
 def sample_view_params(
-    seed: tf.Tensor, height, width, crops: Sequence[CropPolicy], photo: PhotometricPolicy
+    seed: tf.Tensor,
+    height,
+    width,
+    crops: Sequence[CropPolicy],
+    photo: PhotometricPolicy,
+    box: tf.Tensor | None = None,
+    ccrop_alpha: float | tf.Tensor = 0.6,
 ) -> ViewParams:
-    """Draws every random decision of `crops` from `seed`: two random ops in all, because in
-    tf.data the per-op overhead of many small draws costs more than the pixels' arithmetic."""
+    """Draws every random decision of `crops` from `seed`: few random ops in all, because in
+    tf.data the per-op overhead of many small draws costs more than the pixels' arithmetic.
+
+    The windows are RandomResizedCrop's, or with a `box` ContrastiveCrop's (see
+    `contrastive_crop_windows`); the box changes no other decision.
+    """
     window_seed, photo_seed = tf.unstack(split_seed(seed, 2))
-    window = random_resized_crop_windows(
-        window_seed, height, width, [c.scale for c in crops], photo.ratio)
-    draws = tf.unstack(_uniform(photo_seed, [10, len(crops)]))
+    scales = [c.scale for c in crops]
+    if box is None:
+        window = random_resized_crop_windows(window_seed, height, width, scales, photo.ratio)
+    else:
+        window = contrastive_crop_windows(
+            window_seed, height, width, scales, box, ccrop_alpha, photo.ratio)
+    # Row 10 (the jitter order) came last: as a Philox stream, rows 0-9 stay as they were.
+    draws = tf.unstack(_uniform(photo_seed, [11, len(crops)]))
     jitter = draws[1] < photo.color_jitter_prob
 
     def factor(draw, strength):
@@ -362,29 +433,53 @@ def sample_view_params(
         saturation=factor(draws[4], photo.saturation),
         hue=tf.where(jitter, photo.hue * (2.0 * draws[5] - 1.0), 0.0),
         jitter=jitter,
+        jitter_order=_random_order(draws[10]),
         grayscale=draws[8] < photo.grayscale_prob,
         blur_sigma=tf.where(blur, sigma, 0.0),
         solarize=draws[9] < tf.constant([c.solarize_prob for c in crops], tf.float32),
     )
 
 
-def color_jitter(images: tf.Tensor, params: ViewParams, photo: PhotometricPolicy) -> tf.Tensor:
-    """torchvision ColorJitter's four adjustments, in a fixed order.
+def _random_order(draw: tf.Tensor) -> tf.Tensor:
+    """One of the 24 orders of the four adjustments per uniform draw, each equally likely, like
+    torchvision's randperm(4): one draw per crop instead of four."""
+    index = tf.cast(draw * len(_JITTER_ORDERS), tf.int32)
+    return tf.gather(tf.constant(_JITTER_ORDERS, tf.int32), index)
 
-    torchvision draws a random order per call. Here the order is fixed (brightness, contrast,
-    saturation, hue): any data-dependent order needs a switch over the adjustments, which in
-    tf.data costs like running all of them; measured, a random order halved the throughput.
-    Crops without jitter carry identity factors, which leave them exactly unchanged.
+
+def color_jitter(images: tf.Tensor, params: ViewParams, photo: PhotometricPolicy) -> tf.Tensor:
+    """torchvision ColorJitter: each crop where `params.jitter` gets the four adjustments in its
+    own order, `params.jitter_order` (torchvision draws randperm(4) per call); adjustments of zero
+    strength are skipped, as in torchvision, and crops without jitter stay exactly unchanged.
+
+    One branch per crop, and in it a switch per position of the order that runs only the
+    adjustment the crop has there: a random order then costs no more arithmetic than a fixed one,
+    where stack-wide ops would have to run, at every position, each adjustment some crop has there.
+    The positions are a loop: four unrolled switches would trace four times the branches and
+    slow the pipeline's start-up.
     """
-    if photo.brightness > 0:
-        images = adjust_brightness(images, params.brightness)
-    if photo.contrast > 0:
-        images = adjust_contrast(images, params.contrast)
-    if photo.saturation > 0:
-        images = adjust_saturation(images, params.saturation)
-    if photo.hue > 0:
-        images = adjust_hue(images, params.hue, params.jitter)
-    return images
+    strengths = (photo.brightness, photo.contrast, photo.saturation, photo.hue)
+    adjustments = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+    factors = tf.stack([params.brightness, params.contrast, params.saturation, params.hue], 1)
+
+    def jitter_crop(crop, crop_factors, order):
+        def adjust_at(position, stack):
+            stack = tf.switch_case(order[position], [
+                _adjustment_branch(adjust, stack, crop_factors[k : k + 1], strengths[k] > 0)
+                for k, adjust in enumerate(adjustments)])
+            return position + 1, stack
+
+        # The adjustments take a stack of crops: this one as a stack of one.
+        _, stack = tf.while_loop(
+            lambda position, _: position < len(adjustments), adjust_at, (0, crop[None]))
+        return stack[0]
+
+    return _branch_per_crop(params.jitter, jitter_crop, images, factors, params.jitter_order)
+
+
+def _adjustment_branch(adjust, stack: tf.Tensor, factor: tf.Tensor, enabled: bool):
+    """A switch branch: the adjustment, or (zero strength, as torchvision skips it) nothing."""
+    return (lambda: adjust(stack, factor)) if enabled else (lambda: stack)
 
 
 def augment_views(
@@ -418,17 +513,23 @@ def multi_crop(
     seed: tf.Tensor,
     crop_groups: Sequence[Sequence[CropPolicy]],
     photo: PhotometricPolicy,
+    box: tf.Tensor | None = None,
+    ccrop_alpha: float | tf.Tensor = 0.6,
 ) -> list[tf.Tensor]:
     """All views of one decoded [H, W, C] image: one float [N, S, S, C] stack per group of
     `crop_groups` (e.g. [global crops, local crops]; a group's crops share their size, and are
     augmented together as one stack).
+
+    With `box`, float32 [4] (h_min, w_min, h_max, w_max) as fractions of the image, every window
+    is ContrastiveCrop's around that box with Beta(`ccrop_alpha`, `ccrop_alpha`) placement; without
+    it, RandomResizedCrop's.
     """
     crops = [c for group in crop_groups for c in group]
     for group in crop_groups:
         if len({c.size for c in group}) > 1:
             raise ValueError(f"the crops of one group must share a size, got {group}")
     shape = tf.shape(image)
-    params = sample_view_params(seed, shape[0], shape[1], crops, photo)
+    params = sample_view_params(seed, shape[0], shape[1], crops, photo, box, ccrop_alpha)
     image_t = tf.transpose(image, [1, 0, 2])  # once per image: crop_and_resize reads columns
     views = [
         crop_and_resize(image_t, params.window[i], c.size, c.antialias, params.flip[i])
