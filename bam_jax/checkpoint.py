@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -40,7 +41,7 @@ class Checkpointer:
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save,
                 cleanup_tmp_directories=True),
-            item_names=("state", "config"),
+            item_names=("state", "config", "boxes"),
         )
 
     def latest_step(self) -> int | None:
@@ -49,10 +50,31 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
 
-    def save(self, step: int, state: Any, config: ml_collections.ConfigDict) -> None:
-        self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            config=ocp.args.JsonSave(json.loads(config.to_json_best_effort()))))
+    def save(self, step: int, state: Any, config: ml_collections.ConfigDict,
+             boxes: np.ndarray | None = None) -> None:
+        """`boxes`: the ContrastiveCrop box table in use, a host array identical on every
+        process (Orbax writes it once), so a resumed run crops with the same boxes."""
+        items = dict(state=ocp.args.StandardSave(state),
+                     config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())))
+        if boxes is not None:
+            items["boxes"] = ocp.args.StandardSave({"boxes": np.asarray(boxes)})
+        self._manager.save(step, args=ocp.args.Composite(**items))
+
+    def restore_boxes(self, step: int, num_examples: int) -> np.ndarray | None:
+        """The [num_examples, 4] box table saved with `step` (as a host array on every
+        process), or None when that step has none."""
+        if not (self.directory / str(step) / "boxes").exists():
+            return None
+        target = {"boxes": np.zeros((num_examples, 4), np.float32)}
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(
+                boxes=ocp.args.StandardRestore(target)))
+        except ValueError as error:
+            raise IncompatibleCheckpointError(
+                f"the ContrastiveCrop boxes of step {step} in {self.directory} do not fit the "
+                f"{num_examples} training examples ({_first_line(error)}); train on the data "
+                f"the run started with, or use a new --workdir") from error
+        return np.asarray(restored.boxes["boxes"])
 
     def restore_latest(self, abstract_state: Any) -> tuple[int, Any] | None:
         """Restore the newest readable step onto the shardings of `abstract_state`.

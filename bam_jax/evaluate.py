@@ -1,4 +1,4 @@
-"""Evaluation of a frozen backbone: features of eval splits, kept on devices, and kNN on them."""
+"""Passes of a frozen backbone over a dataset: kNN on eval features, ContrastiveCrop boxes."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
-from bam_jax import input_pipeline
-from bam_jax import knn
+from bam_jax import contrastive_crop, input_pipeline, knn
 
 
 def extract_features(embed_fn, params, model_state, dataset, mesh, batch_axes):
@@ -80,3 +80,48 @@ class KnnEvaluator:
             teacher = self._knn(state.teacher_params, state.teacher_model_state)
             results.update({f"teacher_knn_{k}": v for k, v in teacher.items()})
         return results
+
+
+class BoxUpdater:
+    """ContrastiveCrop's box pass: every training image, resized to a square, through the
+    teacher (the student without one) in eval mode, sharded over the mesh with each process
+    reading its own shard; the boxes are then gathered so every process holds the whole table.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
+                 mesh: jax.sharding.Mesh, num_examples: int, batch_axes=("data", "fsdp")):
+        self._config = config
+        self._mesh = mesh
+        self._batch_axes = batch_axes
+        self._num_examples = num_examples
+        self.image_size = config.ccrop.image_size or config.data.global_crop_size
+
+        def boxes(params, model_state, images):
+            maps = nnx.merge(graphdef, params, model_state).spatial_map(images)
+            return contrastive_crop.boxes_from_maps(
+                maps, (self.image_size, self.image_size), config.ccrop.box_thresh)
+
+        self._boxes = jax.jit(boxes, out_shardings=jax.NamedSharding(mesh, jax.P(batch_axes)))
+
+    def update(self, state) -> np.ndarray:
+        """The new [num_examples, 4] box table (h_min, w_min, h_max, w_max as fractions)."""
+        if state.teacher_params is not None:
+            params, model_state = state.teacher_params, state.teacher_model_state
+        else:
+            params, model_state = state.params, state.model_state
+        dataset = input_pipeline.create_box_dataset(
+            self._config.data, image_size=self.image_size,
+            global_batch_size=self._config.ccrop.batch_size)
+        boxes, indices, masks = [], [], []
+        with jax.set_mesh(self._mesh):
+            for batch in input_pipeline.device_iterator(dataset, self._mesh, self._batch_axes):
+                boxes.append(self._boxes(params, model_state, batch["image"]))
+                indices.append(batch["index"])
+                masks.append(batch["mask"])
+            concat = jax.jit(lambda xs: jnp.concatenate(xs, axis=0))
+            boxes, indices, masks = (multihost_utils.process_allgather(concat(x), tiled=True)
+                                     for x in (boxes, indices, masks))
+        table = contrastive_crop.initial_boxes(self._num_examples)
+        masks = np.asarray(masks, bool)
+        table[np.asarray(indices)[masks]] = np.asarray(boxes)[masks]
+        return table

@@ -338,6 +338,12 @@ class VisionTransformer(nnx.Module):
         last = self.blocks[-1]
         return last.attn.probabilities(last.norm1(x))
 
+    def spatial_map(self, x) -> jax.Array:
+        """Where the model looks [B, gh, gw]: last-block CLS->patch attention summed over heads
+        (the map the official ContrastiveCrop boxes)."""
+        attention = self.last_self_attention(x)[:, :, 0, 1:].sum(axis=1)
+        return attention.reshape(x.shape[0], x.shape[1] // self.patch_size, -1)
+
 
 # ----------------------------------------------------------------------------
 # ConvNet
@@ -373,13 +379,21 @@ class ConvNet(nnx.Module):
     def feature_dim(self, n_last_blocks: int = 1, avgpool: bool = False) -> int:
         return self.embed_dim
 
-    def __call__(self, x, *, deterministic: bool = True) -> jax.Array:
-        """Images [B,H,W,C] -> pooled feature [B, channels[-1]] (float32)."""
+    def _feature_map(self, x, deterministic: bool) -> jax.Array:
         for conv, norm in zip(self.convs, self.norms):
             x = conv(x)
             x = norm(x, use_running_average=deterministic) if self.norm_kind == 'batch' else norm(x)
             x = jax.nn.relu(x)
-        return x.mean(axis=(1, 2)).astype(jnp.float32)
+        return x
+
+    def __call__(self, x, *, deterministic: bool = True) -> jax.Array:
+        """Images [B,H,W,C] -> pooled feature [B, channels[-1]] (float32)."""
+        return self._feature_map(x, deterministic).mean(axis=(1, 2)).astype(jnp.float32)
+
+    def spatial_map(self, x) -> jax.Array:
+        """Where the model looks [B, h, w]: the last feature map summed over channels (the
+        original ContrastiveCrop's map for convnets)."""
+        return self._feature_map(x, True).sum(axis=-1).astype(jnp.float32)
 
     def features(self, x, *, n_last_blocks: int = 1, avgpool: bool = False) -> jax.Array:
         """Eval-mode pooled feature; the ViT-only arguments have no ConvNet meaning and are ignored."""
@@ -486,6 +500,14 @@ class BAMModel(nnx.Module):
     def embed(self, images) -> jax.Array:
         """Eval-mode backbone feature [B, width] used for kNN."""
         return self.backbone(images, deterministic=True)
+
+    def spatial_map(self, images) -> jax.Array:
+        """The backbone's eval-mode spatial map [B, h, w], for ContrastiveCrop boxes."""
+        if not hasattr(self.backbone, 'spatial_map'):
+            raise ValueError(f'ContrastiveCrop needs a spatial map, which the '
+                             f'{type(self.backbone).__name__} backbone has not; use a ViT or '
+                             f'ConvNet backbone or set --config.ccrop.enabled=False')
+        return self.backbone.spatial_map(images)
 
 
 def build_model(model_config: ml_collections.ConfigDict, *, num_channels: int, image_size: int,

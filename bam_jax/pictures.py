@@ -5,7 +5,8 @@ Writes PNG files into DIR (matplotlib, Agg backend):
   attention.png  the CLS self-attention of the last block, per head, over a few eval images, as
                  DINO shows them (ViT only; the teacher's weights when the run has a teacher);
   target.png     for one batch of training crops, the balanced BAM target P (Sinkhorn) beside
-                 the source softmax A, over the global views of the batch.
+                 the source softmax A, over the global views of the batch;
+  boxes.png      ContrastiveCrop runs: training images with the boxes of the newest checkpoint.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 
+import matplotlib.patches  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
@@ -128,7 +130,7 @@ def plot_target(config, graphdef, state, step: int, workdir: str, batch_size: in
         z, z_teacher=z_teacher, num_global_crops=config.data.global_crops_number,
         num_target_crops=loss_cfg.num_target_crops, sinkhorn_reg=eps,
         temperature=loss_cfg.temperature, sinkhorn_iters=loss_cfg.sinkhorn_iters,
-        positive_masking=loss_cfg.positive_masking)
+        top_k=loss_cfg.top_k, positive_masking=loss_cfg.positive_masking)
     num_columns = matrices.scores.shape[-1]
     target = matrices.target.reshape(-1, num_columns)  # rows: image x global view
     source = jnp.exp(matrices.log_source[:, :config.data.global_crops_number]).reshape(
@@ -143,6 +145,25 @@ def plot_target(config, graphdef, state, step: int, workdir: str, batch_size: in
     fig.suptitle(f"{batch_size} training images at step {step}"
                  + (" (teacher targets)" if z_teacher is not None else ""))
     return _save(fig, workdir, "target.png")
+
+
+def plot_boxes(config, boxes: np.ndarray, step: int, workdir: str, num_images: int = 8) -> str:
+    """boxes.png: the first training images as the box pass sees them, with their boxes."""
+    size = config.ccrop.image_size or config.data.global_crop_size
+    batch = next(input_pipeline.create_box_dataset(
+        config.data, image_size=size, global_batch_size=num_images, process_index=0,
+        process_count=1).as_numpy_iterator())
+    pixels = _unnormalize(batch["image"], config.data)
+    fig, axes = plt.subplots(1, num_images, figsize=(2 * num_images, 2.4), squeeze=False)
+    for ax, image, index in zip(axes[0], pixels, batch["index"]):
+        _show(ax, image)
+        h_min, w_min, h_max, w_max = boxes[index] * size
+        ax.add_patch(matplotlib.patches.Rectangle(
+            (w_min - 0.5, h_min - 0.5), w_max - w_min + 1, h_max - h_min + 1, fill=False,
+            edgecolor="lime", linewidth=2))
+        ax.set_title(f"#{index}")
+    fig.suptitle(f"ContrastiveCrop boxes at step {step}")
+    return _save(fig, workdir, "boxes.png")
 
 
 def _save(fig, workdir: str, name: str) -> str:
@@ -169,6 +190,10 @@ def make_pictures(workdir: str) -> list[str]:
     if attention is not None:
         paths.append(attention)
     paths.append(plot_target(config, graphdef, state, step, workdir))
+    if config.get("ccrop") and config.ccrop.enabled:
+        boxes = train.read_run_boxes(config, workdir, step)
+        if boxes is not None:
+            paths.append(plot_boxes(config, boxes, step, workdir))
     return paths
 
 

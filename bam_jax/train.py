@@ -464,6 +464,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                         preemption: _Preemption) -> dict[str, Any]:
     from bam_jax import evaluate, input_pipeline  # noqa: PLC0415 (see the module docstring)
+    from bam_jax import contrastive_crop  # noqa: PLC0415
 
     checkpoint_lib.workdir_path(workdir).mkdir(parents=True, exist_ok=True)
     mesh = make_mesh(config)
@@ -487,9 +488,29 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     last_saved = start_step if resumed else None
     save_config(config, workdir)
 
-    dataset = input_pipeline.create_pretrain_dataset(
-        config.data, global_batch_size=config.batch_size, seed=config.seed, start_step=start_step)
-    batches = input_pipeline.device_iterator(dataset, mesh, BATCH_AXES)
+    # ContrastiveCrop: the box table is part of each checkpoint; the train stream is rebuilt
+    # whenever it changes, so the stream stays a function of (seed, step, boxes).
+    boxes, box_updater, box_update_steps, ccrop_from_epoch = None, None, set(), 0
+    if config.ccrop.enabled:
+        num_train = input_pipeline.num_examples(config.data, config.data.train_split)
+        box_updater = evaluate.BoxUpdater(config, graphdef, mesh, num_train, BATCH_AXES)
+        epochs = math.ceil(total_steps / epoch_steps)
+        warmup = config.optimizer.warmup_epochs
+        box_update_steps = {(e + 1) * epoch_steps for e in contrastive_crop.box_update_epochs(
+            num_epochs=epochs, warmup_epochs=warmup, loc_interval=config.ccrop.loc_interval)}
+        ccrop_from_epoch = contrastive_crop.first_box_epoch(
+            warmup_epochs=warmup, loc_interval=config.ccrop.loc_interval)
+        boxes = checkpointer.restore_boxes(start_step, num_train) if resumed else None
+        if boxes is None:
+            boxes = contrastive_crop.initial_boxes(num_train)
+
+    def train_batches(start: int):
+        dataset = input_pipeline.create_pretrain_dataset(
+            config.data, global_batch_size=config.batch_size, seed=config.seed, start_step=start,
+            boxes=boxes, ccrop_alpha=config.ccrop.alpha, ccrop_from_epoch=ccrop_from_epoch)
+        return input_pipeline.device_iterator(dataset, mesh, BATCH_AXES)
+
+    batches = train_batches(start_step)
 
     batch_sharding = jax.NamedSharding(mesh, jax.P(BATCH_AXES))
     train_step = make_train_step(config, graphdef, optimizer, schedules, mesh)
@@ -537,10 +558,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 logger.write(step, results)
                 final.update(results)
                 print("kNN: " + "  ".join(f"{k} {v:.2f}" for k, v in results.items()), flush=True)
+            if step in box_update_steps and not is_last:
+                boxes = _update_boxes(box_updater, state, step, logger)
+                batches = train_batches(step)
             if step % config.checkpoint_every_steps == 0 or is_last or preemption.requested:
                 _check_finite(config, step, {"loss": float(jax.device_get(metrics["loss"]))},
                               int(jax.device_get(state.nonfinite_steps)), last_saved)
-                checkpointer.save(step, state, config)
+                checkpointer.save(step, state, config, boxes=boxes)
                 last_saved = step
             if preemption.requested:
                 print(f"SIGTERM: saved step {step} and stopped; rerun the same command to "
@@ -553,6 +577,18 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     logger.close()
     final["step"] = step
     return final
+
+
+def _update_boxes(box_updater, state, step: int, logger: MetricsLogger) -> np.ndarray:
+    """A new ContrastiveCrop box table from the current teacher, timed and logged."""
+    start = time.perf_counter()
+    boxes = box_updater.update(state)
+    seconds = time.perf_counter() - start
+    area = float(np.mean((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])))
+    logger.write(step, {"ccrop_update_seconds": seconds, "ccrop_mean_box_area": area})
+    print(f"ContrastiveCrop: {len(boxes)} boxes in {seconds:.1f} s, mean area {area:.3f} of "
+          f"the image", flush=True)
+    return boxes
 
 
 def restore_or_init(make_state: Callable[[], Any], abstract_state, shardings,
@@ -622,6 +658,18 @@ def restore_run(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shard
                          f"rerun the pretraining to write a new one")
     step, state = restored
     return graphdef, state, step
+
+
+def read_run_boxes(config: ml_collections.ConfigDict, workdir: str, step: int):
+    """The ContrastiveCrop box table saved with `step` of a pretraining workdir, or None."""
+    from bam_jax import input_pipeline  # noqa: PLC0415 (TensorFlow; see the module docstring)
+
+    checkpointer = checkpoint_lib.Checkpointer(workdir, async_save=False)
+    try:
+        return checkpointer.restore_boxes(
+            step, input_pipeline.num_examples(config.data, config.data.train_split))
+    finally:
+        checkpointer.close()
 
 
 def _print_memory_analysis(compiled) -> None:

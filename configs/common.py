@@ -113,8 +113,17 @@ def base_config() -> ml_collections.ConfigDict:
         fsdp_min_size=2**18,  # leaves smaller than this stay replicated
     ))
     config.knn = ml_collections.ConfigDict(dict(
-        enabled=True, eval_at_start=False, every_epochs=16, k=20, temperature=0.07, train_fraction=1.0,
+        enabled=True, eval_at_start=False, every_epochs=16, k=20, temperature=0.07,
+        train_fraction=0.1,  # official --knn_train_fraction: a class-balanced 10 % bank
         batch_size=1024))
+    # ContrastiveCrop (official --use_ccrop, --loc_interval, --box_thresh, --ccrop_alpha,
+    # --ccrop_img_size): boxes from the teacher's attention every loc_interval epochs after the
+    # warmup; crops centred in them with Beta(alpha, alpha) from epoch max(loc, warmup) + 1.
+    config.ccrop = ml_collections.ConfigDict(dict(
+        enabled=True, loc_interval=40, box_thresh=0.1, alpha=0.6,
+        image_size=0,  # the box pass's square image size; 0: data.global_crop_size (224)
+        batch_size=1024,  # global batch of the box pass (official: 64 per GPU x 16 GPUs)
+    ))
     config.skip_nonfinite_steps = False  # False: stop on a non-finite loss; True: skip the step
     config.log_every_steps = 50
     config.checkpoint_every_steps = 1000

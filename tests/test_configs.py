@@ -37,4 +37,12 @@ def test_vit_configs_follow_the_official_slurm_scripts():
         assert (loss.top_k, loss.num_target_crops) == (128, 2)
         assert config.model.drop_path_rate == 0.0
         assert config.data.tfds_name == "imagenet2012"
+        # --use_ccrop (default true), --loc_interval 40, --box_thresh / --ccrop_alpha defaults,
+        # --ccrop_img_size None (224), --knn_train_fraction default 0.1, --knn_freq 16.
+        ccrop = config.ccrop
+        assert (ccrop.enabled, ccrop.loc_interval, ccrop.box_thresh, ccrop.alpha) == (
+            True, 40, 0.1, 0.6)
+        assert (ccrop.image_size or config.data.global_crop_size) == 224
+        assert (config.knn.train_fraction, config.knn.every_epochs) == (0.1, 16)
+        assert config.seed == 1
 

@@ -319,3 +319,58 @@ def test_teacher_draws_its_own_drop_path_masks(drop_path_rate):
         assert np.abs(student - teacher).max() > 1e-3
     else:
         np.testing.assert_array_equal(student, teacher)
+
+
+# ---------------------------------------------------------------------------------------------
+# ContrastiveCrop in the loop: 64 digits in a folder, 2 steps an epoch, boxes after epochs 1, 2.
+
+@pytest.fixture(scope="module")
+def ccrop_run(tmp_path_factory):
+    import tensorflow as tf  # noqa: PLC0415
+
+    from bam_jax import input_pipeline  # noqa: PLC0415
+
+    root = tmp_path_factory.mktemp("digits")
+    images, labels = input_pipeline.load_mnist_bundled()["train"]
+    for i in range(64):
+        folder = root / "train" / f"class_{labels[i]}"
+        folder.mkdir(parents=True, exist_ok=True)
+        rgb = np.repeat(images[i].reshape(28, 28, 1), 3, axis=-1)
+        (folder / f"{i}.png").write_bytes(tf.io.encode_png(rgb).numpy())
+    config = tiny_config(steps=8)
+    config.data.update(source="folder", folder=str(root))
+    config.ccrop.update(enabled=True, loc_interval=1, batch_size=16)
+    config.keep_checkpoints = 10
+    config.optimizer.warmup_epochs = 1
+    workdir = str(tmp_path_factory.mktemp("ccrop"))
+    train.train_and_evaluate(config, workdir)
+    return config, workdir
+
+
+def test_contrastive_crop_boxes_are_updated_and_checkpointed(ccrop_run):
+    config, workdir = ccrop_run
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        updates = [row["step"] for row in map(json.loads, f) if "ccrop_update_seconds" in row]
+    assert updates == [4, 6]  # after epochs 1 and 2 (0-based), not after the last
+    before = train.read_run_boxes(config, workdir, 2)
+    boxes = train.read_run_boxes(config, workdir, 8)
+    np.testing.assert_array_equal(before, np.tile([0.0, 0.0, 1.0, 1.0], (64, 1)))
+    assert boxes.shape == (64, 4) and boxes.dtype == np.float32
+    assert np.all((0 <= boxes[:, :2]) & (boxes[:, :2] <= boxes[:, 2:]) & (boxes[:, 2:] <= 1))
+    assert np.mean((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])) < 0.95
+
+
+def test_resume_after_a_box_update_continues_exactly(ccrop_run, tmp_path):
+    config, workdir = ccrop_run
+    # The boxes of the update at step 6 are not whole images (at step 4 the teacher is still
+    # near its init and boxes every digit whole), so a resume that lost them would crop otherwise.
+    boxes = train.read_run_boxes(config, workdir, 6)
+    assert np.mean((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])) < 0.95
+    resumed = str(tmp_path / "resumed")
+    resume_from(workdir, resumed, step=6)
+    train.train_and_evaluate(config, resumed)
+    np.testing.assert_array_equal(train.read_run_boxes(config, resumed, 8), boxes)
+    full_metrics, resumed_metrics = read_metrics(workdir), read_metrics(resumed)
+    for step in (7, 8):
+        assert resumed_metrics[step]["loss"] == full_metrics[step]["loss"]
+    assert_trees_close(read_state(workdir, 8), read_state(resumed, 8), rtol=0, atol=0)
