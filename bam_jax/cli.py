@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import traceback
 from collections.abc import Callable
+from typing import Any
 
 from absl import flags
+from ml_collections.config_flags.config_flags import ConfigFileFlagParser
+
+
+class ConfigFileError(flags.Error):
+    """A --config file that cannot be read, does not run, or has no usable get_config()."""
 
 
 def error_line(program: str, error: BaseException) -> str:
@@ -15,10 +23,12 @@ def error_line(program: str, error: BaseException) -> str:
 
 
 def flags_parser(program: str) -> Callable[[list[str]], list[str]]:
-    """absl's parser, but a bad flag (an unknown --config.x, a value of the wrong type) is one
-    `PROGRAM: error:` line and exit 2, like every other bad input, instead of a traceback."""
+    """absl's parser, but a bad flag (an unknown --config.x, a value of the wrong type, a config
+    file that is missing or broken) is one `PROGRAM: error:` line and exit 2, like every other
+    bad input, instead of a traceback."""
 
     def parse(argv: list[str]) -> list[str]:
+        _name_config_file_errors()
         try:
             return flags.FLAGS(argv)
         except (flags.Error, AttributeError, KeyError) as error:
@@ -33,3 +43,59 @@ def flags_parser(program: str) -> Callable[[list[str]], list[str]]:
             sys.exit(2)
 
     return parse
+
+
+def _name_config_file_errors() -> None:
+    """Makes every config-file flag raise ConfigFileError for a file it cannot use.
+
+    ml_collections reports these badly: a missing file only when the config is first read (by
+    then the workdir exists) and without its path, a syntax error or a failing import as a
+    traceback, a file without get_config() as a missing config field.
+    """
+    for name in flags.FLAGS:
+        flag = flags.FLAGS[name]
+        if isinstance(flag.parser, ConfigFileFlagParser):
+            flag.parser = _ConfigFileParser(flag.parser)
+
+
+class _ConfigFileParser(flags.ArgumentParser):
+    """ml_collections' config-file parser, with each failure one line naming the file."""
+
+    def __init__(self, parser: ConfigFileFlagParser):
+        self._parser = parser
+
+    def flag_type(self) -> str:
+        return self._parser.flag_type()
+
+    def parse(self, argument: str) -> Any:
+        path = argument.split(":", 1)[0]  # FILE:ARG passes ARG to get_config
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as error:
+            raise ConfigFileError(f"config file {path}: {error.strerror}") from None
+        try:
+            config = self._parser.parse(argument)
+        except Exception as error:  # noqa: BLE001 (anything the file raised is its problem)
+            raise ConfigFileError(f"config file {path}: {_problem(error, path)}") from None
+        if config is None:
+            raise ConfigFileError(f"config file {path}: get_config() returned None")
+        return config
+
+
+def _problem(error: Exception, path: str) -> str:
+    """What went wrong while running config file `path`, at which of its lines."""
+    if isinstance(error, (TypeError, ValueError)) and error.__context__ is not None:
+        error = error.__context__  # ml_collections re-raises these with a traceback as text
+    lines = [frame.lineno for frame in traceback.extract_tb(error.__traceback__)
+             if _same_file(frame.filename, path)]
+    if isinstance(error, SyntaxError) and _same_file(error.filename or "", path):
+        return f"line {error.lineno}: {error.msg}"
+    if isinstance(error, AttributeError) and error.name == "get_config" and not lines:
+        return "defines no get_config()"
+    where = f"line {lines[-1]}: " if lines else ""
+    return f"{where}{type(error).__name__}: {error}"
+
+
+def _same_file(a: str, b: str) -> bool:
+    return os.path.abspath(a) == os.path.abspath(b)

@@ -13,7 +13,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags  # noqa: E402
 
-from bam_jax import cli  # noqa: E402
+from bam_jax import cli, config_checks  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -27,6 +27,11 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
+    try:
+        # First: a bad value then costs no startup and leaves no empty workdir behind.
+        config_checks.check_pretrain_config(_CONFIG.value)
+    except (ValueError, OSError) as error:  # OSError: ml_collections' unreadable config
+        _exit_with(error)
     import jax
 
     from bam_jax import checkpoint, train
@@ -41,11 +46,15 @@ def main(argv):
         result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except (ValueError, checkpoint.IncompatibleCheckpointError, train.NonFiniteLossError,
             FileNotFoundError, PermissionError, OSError) as error:
-        print(cli.error_line("bam_jax", error), file=sys.stderr, flush=True)
-        sys.exit(2)
+        _exit_with(error)
     summary = {k: v for k, v in result.items() if k.startswith(("init_knn", "knn", "teacher_knn", "loss"))}
     print("done: step " + str(result["step"]) + "  " +
           "  ".join(f"{k} {v:.4f}" for k, v in sorted(summary.items())), flush=True)
+
+
+def _exit_with(error: BaseException) -> None:
+    print(cli.error_line("bam_jax", error), file=sys.stderr, flush=True)
+    sys.exit(2)
 
 
 def _distributed_kwargs() -> dict[str, int] | None:
