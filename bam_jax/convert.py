@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
 import re
 import sys
 from collections.abc import Mapping
@@ -35,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bam_jax import models
+from bam_jax import cli, models
 
 _LOG = logging.getLogger(__name__)
 
@@ -225,9 +224,8 @@ def torch_backbone_tensors(path: str, *, checkpoint_key: str = "teacher"
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise ValueError(f"{path}: refused by torch.load(weights_only=True): "
-                         f"{str(error).strip().splitlines()[0]}") from error
+    except (pickle.UnpicklingError, EOFError, RuntimeError) as error:
+        raise ValueError(_torch_load_failure(path, error)) from error
     if not isinstance(obj, Mapping):
         raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict")
     if isinstance(obj.get(checkpoint_key), Mapping):
@@ -262,6 +260,29 @@ def torch_backbone_tensors(path: str, *, checkpoint_key: str = "teacher"
             value = value.detach().to(torch.float32)
         tensors[key] = value.numpy()
     return tensors, left_out
+
+
+def _torch_load_failure(path: str, error: BaseException) -> str:
+    """Why torch.load could not read `path`, in one line. Not torch's own first line: for any
+    file that fails `weights_only` it advises weights_only=False, which runs the file's code and
+    does not help a damaged or foreign file anyway."""
+    import pickle
+
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        return f"{path} is empty: not a PyTorch checkpoint"
+    if not head.startswith(b"PK\x03\x04") and not head.startswith(b"\x80"):
+        return f"{path} is not a PyTorch checkpoint (neither a zip archive nor a pickle)"
+    if isinstance(error, pickle.UnpicklingError):  # the unpickler's reason is the cause
+        return f"{path}: refused by torch.load(weights_only=True): " \
+               f"{_first_line(error.__context__ or error)}"
+    return f"{path} is truncated or damaged: {_first_line(error).split('. ')[0]}"
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def load_torch_vit(path: str, *, checkpoint_key: str = "teacher", num_heads: int = 12,
@@ -316,28 +337,27 @@ def backbone_from_workdir(workdir: str, config=None, *, checkpoint_key: str = "t
 
     The state is restored onto one device whatever mesh wrote it, using the checkpoint's own
     shapes, so no dataset is needed to rebuild it; `config` (default: the config saved with the
-    checkpoint) supplies what shapes do not say: patch size, heads.
+    checkpoint) supplies what shapes do not say: patch size, heads. The workdir is opened
+    read-only: a run still training there keeps its save in flight.
     """
     import ml_collections
-    import orbax.checkpoint as ocp
 
     from bam_jax import checkpoint as checkpoint_lib
 
     if checkpoint_key not in ROLES:
         raise ValueError(f"checkpoint_key must be one of {ROLES}, got {checkpoint_key!r}")
-    if not os.path.isdir(os.path.join(os.path.abspath(workdir), "checkpoints")):
+    if not (checkpoint_lib.workdir_path(workdir) / "checkpoints").is_dir():
         raise FileNotFoundError(f"no checkpoints directory in {workdir}")
-    checkpointer = checkpoint_lib.Checkpointer(workdir, async_save=False)
+    checkpointer = checkpoint_lib.Checkpointer(workdir, read_only=True)
     try:
-        latest = checkpointer.latest_step()
-        if latest is None:
+        restored = checkpointer.restore_latest_as_saved(
+            jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+        if restored is None and not checkpointer.all_steps():
             raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}")
-        metadata = ocp.StandardCheckpointer().metadata(
-            os.path.join(checkpointer.directory, str(latest), "state")).item_metadata.tree
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        abstract = jax.tree.map(
-            lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device), metadata)
-        step, state = checkpointer.restore_latest(abstract)
+        if restored is None:
+            raise ValueError(f"none of the checkpoints {checkpointer.all_steps()} in "
+                             f"{checkpointer.directory} could be read (see the warnings above)")
+        step, state = restored
         if config is None:
             config = ml_collections.ConfigDict(checkpointer.restore_config(step))
     finally:
@@ -437,8 +457,7 @@ def main(argv: list[str] | None = None) -> int:
             source = f"{args.workdir} step {step} ({args.checkpoint_key})"
         save_vit_safetensors(model, destination)
     except (ValueError, FileNotFoundError, OSError) as error:
-        message = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
-        print(f"convert: error: {message}", file=sys.stderr, flush=True)
+        print(cli.error_line("bam_jax.convert", error), file=sys.stderr, flush=True)
         return 2
     grid = model.grid_size[0]
     print(f"wrote {destination}: ViT width {model.embed_dim}, depth {model.depth}, heads "

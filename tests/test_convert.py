@@ -1,7 +1,10 @@
 """Weight conversion against a PyTorch ViT laid out like timm / DINO / the official BAM ViT."""
 
 import argparse
+import glob
 import logging
+import os
+import shutil
 
 import jax
 import numpy as np
@@ -253,3 +256,110 @@ def test_export_from_workdir(tmp_path):
     assert step == 7
     np.testing.assert_array_equal(np.asarray(student.cls_token.get_value()),
                                   np.asarray(state.params["backbone"]["cls_token"].get_value()))
+
+
+def _two_step_vit_run(workdir):
+    """Steps 2 and 4 of a tiny ViT run (teachers +2 and +4 off the student), written by the
+    trainer's Checkpointer; returns the config and the state of step 2."""
+    from bam_jax import checkpoint, train
+    from configs import default as default_config
+
+    config = default_config.get_config()
+    config.model.update(backbone="vit", vit_variant="custom", width=32, depth=2, num_heads=2,
+                        patch_size=4)
+    config.model.projector.update(hidden_dim=32, out_dim=16)
+    config.teacher.enabled = True
+    state = train.init_state(train.model_factory(config), train.make_optimizer(config), True)
+    writer = checkpoint.Checkpointer(workdir, async_save=False)
+    states = {}
+    for step in (2, 4):
+        states[step] = state.replace(
+            teacher_params=jax.tree.map(lambda p, s=step: p + float(s), state.params))
+        writer.save(step, states[step], config)
+    writer.close()
+    return config, states[2]
+
+
+def _files(root):
+    listing = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            status = os.lstat(os.path.join(folder, name))
+            listing[os.path.relpath(os.path.join(folder, name), root)] = (status.st_size,
+                                                                          status.st_mtime_ns)
+    return listing
+
+
+@pytest.mark.parametrize("damage", ["truncated_metadata", "no_state_item", "empty_step_dir",
+                                    "overwrite_data"])
+def test_export_falls_back_past_a_damaged_newest_step(tmp_path, capsys, damage):
+    """Was: `'NoneType' object has no attribute 'tree'` (the newest step's metadata read first).
+    Also: the run's save in flight is left alone and nothing in the workdir changes."""
+    from flax import nnx
+
+    from bam_jax import train
+
+    workdir = str(tmp_path / "run")
+    config, step_2 = _two_step_vit_run(workdir)
+    step_dir = os.path.join(workdir, "checkpoints", "4")
+    if damage == "truncated_metadata":
+        with open(os.path.join(step_dir, "state", "_METADATA"), "r+b") as f:
+            f.truncate(100)
+    elif damage == "no_state_item":
+        shutil.rmtree(os.path.join(step_dir, "state"))
+    elif damage == "empty_step_dir":
+        shutil.rmtree(step_dir)
+        os.makedirs(step_dir)
+    else:
+        for path in glob.glob(os.path.join(step_dir, "state", "d", "*")):
+            with open(path, "r+b") as f:
+                f.seek(os.path.getsize(path) // 4)
+                f.write(os.urandom(512))
+    os.makedirs(os.path.join(workdir, "checkpoints", "6.orbax-checkpoint-tmp-1733000000", "state"))
+    before = _files(workdir)
+
+    out = tmp_path / "teacher.safetensors"
+    assert convert.main(["--workdir", workdir, "--export_safetensors", str(out)]) == 0
+    assert f"from {workdir} step 2 (teacher)" in capsys.readouterr().out
+    assert _files(workdir) == before
+    exported = safetensors_numpy.load_file(str(out))
+    teacher = nnx.merge(nnx.graphdef(train.model_factory(config)()), step_2.teacher_params,
+                        step_2.teacher_model_state).backbone
+    for key, value in convert.vit_to_timm(teacher).items():
+        np.testing.assert_array_equal(exported[key], value, err_msg=key)
+
+
+def test_export_with_every_step_unreadable_is_one_line(tmp_path, capsys):
+    workdir = str(tmp_path / "run")
+    _two_step_vit_run(workdir)
+    for step in ("2", "4"):
+        shutil.rmtree(os.path.join(workdir, "checkpoints", step, "state"))
+    assert convert.main(["--workdir", workdir, "--export_safetensors",
+                         str(tmp_path / "x.safetensors")]) == 2
+    _assert_one_error_line(capsys.readouterr().err, "none of the checkpoints [2, 4] in")
+
+
+def _assert_one_error_line(err, expected):
+    errors = [line for line in err.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("bam_jax.convert: error: "), err
+    assert expected in errors[0], errors[0]
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b"", "is empty: not a PyTorch checkpoint"),
+    (b"\x13" + bytes(range(256)) * 8, "is not a PyTorch checkpoint (neither a zip archive nor"),
+    (None, "is truncated or damaged: PytorchStreamReader failed reading zip archive"),
+])
+def test_unreadable_pth_is_one_line_naming_the_file(dino_checkpoint, tmp_path, capsys, content,
+                                                   expected):
+    """Was: an EOFError traceback (empty), torch's advice to retry with weights_only=False
+    (random bytes)."""
+    if content is None:  # a download cut in half
+        content = dino_checkpoint.read_bytes()[:2000]
+    path = tmp_path / "bad.pth"
+    path.write_bytes(content)
+    assert convert.main(["--torch_checkpoint", str(path), "--output",
+                         str(tmp_path / "x.safetensors")]) == 2
+    err = capsys.readouterr().err
+    _assert_one_error_line(err, f"{path} {expected}")
+    assert "weights_only=False" not in err
