@@ -191,7 +191,13 @@ class _Evaluator:
 
 
 def train_linear(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Trains (or resumes) the probe in `workdir`; returns the final metrics."""
+    """Trains (or resumes) the probe in `workdir`, which it owns meanwhile (a lease, as
+    pretraining); returns the final metrics."""
+    with train.workdir_lock(workdir):
+        return _train_linear(config, workdir)
+
+
+def _train_linear(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     os.makedirs(workdir, exist_ok=True)
     mesh = train.make_mesh(config)
     input_pipeline.check_global_batch(config.batch_size, mesh, train.BATCH_AXES)

@@ -45,7 +45,7 @@ def main(argv):
     try:
         result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except (ValueError, checkpoint.IncompatibleCheckpointError, train.NonFiniteLossError,
-            FileNotFoundError, PermissionError, OSError) as error:
+            train.RunInterrupted, FileNotFoundError, PermissionError, OSError) as error:
         _exit_with(error)
     summary = {k: v for k, v in result.items() if k.startswith(("init_knn", "knn", "teacher_knn", "loss"))}
     print("done: step " + str(result["step"]) + "  " +

@@ -11,6 +11,7 @@ accelerator images that have JAX but no TensorFlow.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -30,6 +31,7 @@ from etils import epath
 from flax import nnx
 
 from bam_jax import checkpoint as checkpoint_lib
+from bam_jax import config_checks
 from bam_jax import loss as loss_lib
 from bam_jax import models
 
@@ -418,27 +420,92 @@ def total_train_steps(config: ml_collections.ConfigDict) -> int:
     return int(math.ceil(config.num_epochs * steps_per_epoch(config)))
 
 
-class _Preemption:
-    """SIGTERM (a TPU VM preemption notice) asks the loop to checkpoint and stop."""
+class RunInterrupted(RuntimeError):
+    """A second Ctrl-C stopped the run at once (the first one asks for a save and a stop)."""
+
+
+class _StopSignals:
+    """SIGTERM (a TPU VM preemption notice) or Ctrl-C asks the loop to checkpoint and stop.
+
+    The handler only records the request, so no exception ever lands inside a save. A second
+    Ctrl-C stops at once; the loop's `finally` still completes a save in flight.
+    """
 
     def __init__(self):
-        self.requested = False
-        self._previous = None
+        self.requested: str | None = None  # the name of the first signal received
+        self._previous = {}
 
     def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread (e.g. a notebook worker): no handler
-            self._previous = None
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread (e.g. a notebook worker): no handler
+                pass
         return self
 
     def _handle(self, signum, frame):
-        del signum, frame
-        self.requested = True
+        del frame
+        if self.requested is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = self.requested or signal.Signals(signum).name
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+
+
+def _agreed_stop(requested: bool, step: int, every: int) -> bool:
+    """Whether every process stops after `step`.
+
+    A pod's hosts get their preemption notices at different moments; a host that stopped alone
+    would leave the others waiting forever in the next collective. So with several processes
+    the request is shared (an all-gather of one flag) every `every` steps, and all stop at the
+    same step; a single process stops at once.
+    """
+    if jax.process_count() == 1:
+        return requested
+    if step % every:
+        return False
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    return bool(np.any(multihost_utils.process_allgather(np.int32(requested))))
+
+
+# Config fields that do not change what a run computes: a resume may change them freely.
+_FREE_ON_RESUME = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
+                   "async_checkpointing", "skip_nonfinite_steps", "stop_check_every_steps",
+                   "allow_changed_fields", "mesh", "knn", "data.data_dir", "data.folder",
+                   "data.num_parallel_calls", "data.threadpool_size", "model.remat",
+                   "ccrop.batch_size")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_resume_config(saved: dict, config: ml_collections.ConfigDict, step: int) -> None:
+    """Refuses to resume a checkpoint under a config that changes the run's meaning (batch,
+    model, data, loss, schedules...), listing the fields; `allow_changed_fields` (a comma-
+    separated list of fields or prefixes) admits deliberate changes, e.g. `num_epochs`."""
+    allowed = _FREE_ON_RESUME + tuple(
+        f.strip() for f in config.allow_changed_fields.split(",") if f.strip())
+    before = _flatten(saved)
+    now = _flatten(json.loads(config.to_json_best_effort()))
+    changed = [f"{k} {before[k]!r} -> {now[k]!r}" for k in sorted(before.keys() & now.keys())
+               if before[k] != now[k] and not any(k == a or k.startswith(a + ".")
+                                                  for a in allowed)]
+    if changed:
+        fields = ",".join(c.split()[0] for c in changed)
+        raise ValueError(f"the checkpoint of step {step} was trained with another config: "
+                         f"{'; '.join(changed)}. Resume with the config it was trained with, "
+                         f"use a new --workdir, or allow the change with "
+                         f"--config.allow_changed_fields={fields}")
 
 
 def _check_finite(config, step: int, host_metrics: dict, nonfinite_steps: int,
@@ -456,13 +523,45 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     Returns the final host metrics (train metrics of the last logged step and the kNN results).
     """
-    # SIGTERM is caught from the start: one during restore or compilation also stops cleanly.
-    with _Preemption() as preemption:
-        return _train_and_evaluate(config, workdir, preemption)
+    config_checks.check_pretrain_config(config)  # before the workdir, mesh, model or dataset
+    # SIGTERM and Ctrl-C are caught from the start: one during restore or compilation also
+    # stops cleanly. The run owns its workdir (a lease) before it opens the checkpoints, whose
+    # writer would clean up another run's save in flight.
+    with _StopSignals() as signals, workdir_lock(workdir) as lock:
+        try:
+            return _train_and_evaluate(config, workdir, signals, lock)
+        except KeyboardInterrupt:  # a second Ctrl-C before the loop (restore, compilation)
+            raise RunInterrupted("stopped by a second Ctrl-C before the first step; rerun the "
+                                 "same command to resume from the last checkpoint") from None
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                        preemption: _Preemption) -> dict[str, Any]:
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+    """Process 0 takes the workdir's lease; every process learns whether it got it, so that a
+    refused multi-process run stops everywhere instead of leaving the others at a barrier."""
+    lock = checkpoint_lib.WorkdirLock(workdir, process_index=jax.process_index())
+    refusal = None
+    try:
+        lock.acquire()
+    except checkpoint_lib.WorkdirInUseError as error:
+        refusal = error
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # noqa: PLC0415
+
+        refused = multihost_utils.broadcast_one_to_all(np.int32(refusal is not None))
+        if refused and refusal is None:
+            refusal = checkpoint_lib.WorkdirInUseError(
+                f"{workdir} is in use by another run (process 0 says why)")
+    if refusal is not None:
+        raise refusal
+    try:
+        yield lock
+    finally:
+        lock.release()
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, signals: _StopSignals,
+                        lock: checkpoint_lib.WorkdirLock) -> dict[str, Any]:
     from bam_jax import evaluate, input_pipeline  # noqa: PLC0415 (see the module docstring)
     from bam_jax import contrastive_crop  # noqa: PLC0415
 
@@ -486,6 +585,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     state, resumed = restore_or_init(make_state, abstract_state, shardings, checkpointer)
     start_step = int(jax.device_get(state.step))
     last_saved = start_step if resumed else None
+    if resumed:
+        check_resume_config(checkpointer.restore_config(start_step), config, start_step)
+        if start_step > total_steps:
+            raise ValueError(f"the checkpoint is at step {start_step}, past the {total_steps} "
+                             f"steps this config trains in all; raise num_epochs or "
+                             f"num_train_steps, or use a new --workdir")
     save_config(config, workdir)
 
     # ContrastiveCrop: the box table is part of each checkpoint; the train stream is rebuilt
@@ -535,19 +640,22 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         final.update(results)
         print("kNN at init: " + "  ".join(f"{k} {v:.2f}" for k, v in results.items()), flush=True)
     # finally: an asynchronous save in flight completes even when the loop raises (a
-    # non-finite loss), so the last good checkpoint is never left half-written.
+    # non-finite loss, a second Ctrl-C), so the last good checkpoint is never left half-written.
     try:
         batch = first_batch
         while step < total_steps:
-            if preemption.requested and step == start_step:  # SIGTERM before the first step
-                print(f"SIGTERM before the first step: nothing new to save (the last checkpoint "
-                      f"is step {last_saved}); rerun the same command to resume", flush=True)
+            if signals.requested and step == start_step and jax.process_count() == 1:
+                print(f"{signals.requested} before the first step: nothing new to save (the "
+                      f"last checkpoint is step {last_saved}); rerun the same command to "
+                      f"resume", flush=True)
                 break
             with jax.set_mesh(mesh):
                 state, metrics = compiled_step(state, batch)
             step += 1
             is_last = step == total_steps
-            if step % config.log_every_steps == 0 or is_last or preemption.requested:
+            stop = _agreed_stop(signals.requested is not None, step,
+                                config.stop_check_every_steps)
+            if step % config.log_every_steps == 0 or is_last or stop:
                 host = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 host["epoch"] = step / epoch_steps
                 _check_finite(config, step, host, int(jax.device_get(state.nonfinite_steps)),
@@ -561,17 +669,23 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             if step in box_update_steps and not is_last:
                 boxes = _update_boxes(box_updater, state, step, logger)
                 batches = train_batches(step)
-            if step % config.checkpoint_every_steps == 0 or is_last or preemption.requested:
+            if step % config.checkpoint_every_steps == 0 or is_last or stop:
                 _check_finite(config, step, {"loss": float(jax.device_get(metrics["loss"]))},
                               int(jax.device_get(state.nonfinite_steps)), last_saved)
+                lock.ensure_held()  # never write over a run that took the workdir over
                 checkpointer.save(step, state, config, boxes=boxes)
                 last_saved = step
-            if preemption.requested:
-                print(f"SIGTERM: saved step {step} and stopped; rerun the same command to "
-                      f"resume", flush=True)
+            if stop:
+                why = signals.requested or "a stop request on another process"
+                print(f"{why}: saved step {step} and stopped; rerun the same command to resume",
+                      flush=True)
                 break
             if not is_last:
                 batch = next(batches)
+    except KeyboardInterrupt:
+        raise RunInterrupted(f"stopped by a second Ctrl-C after step {step}; the last "
+                             f"checkpoint is step {last_saved}; rerun the same command to "
+                             f"resume") from None
     finally:
         checkpointer.close()
     logger.close()
@@ -641,13 +755,13 @@ def restore_run(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shard
     if random_init:
         return graphdef, jax.jit(make_state, out_shardings=shardings)(), 0
     directory = checkpoint_lib.workdir_path(workdir) / "checkpoints"
-    # Checked before opening a manager, which would create the directory.
+    # Checked first, for a message that says what to do.
     if not directory.is_dir() or not any(p.name.isdigit() for p in directory.iterdir()):
         alternative = f" or pass {random_init_flag} for the backbone at init" \
             if random_init_flag else ""
         raise ValueError(f"no checkpoint in {directory}: pretrain first (python -m bam_jax.main "
                          f"--workdir={workdir} ...){alternative}")
-    checkpointer = checkpoint_lib.Checkpointer(workdir, async_save=False)
+    checkpointer = checkpoint_lib.Checkpointer(workdir, read_only=True)
     try:
         restored = checkpointer.restore_latest(
             checkpoint_lib.abstract_with_shardings(abstract_state, shardings))
@@ -664,7 +778,7 @@ def read_run_boxes(config: ml_collections.ConfigDict, workdir: str, step: int):
     """The ContrastiveCrop box table saved with `step` of a pretraining workdir, or None."""
     from bam_jax import input_pipeline  # noqa: PLC0415 (TensorFlow; see the module docstring)
 
-    checkpointer = checkpoint_lib.Checkpointer(workdir, async_save=False)
+    checkpointer = checkpoint_lib.Checkpointer(workdir, read_only=True)
     try:
         return checkpointer.restore_boxes(
             step, input_pipeline.num_examples(config.data, config.data.train_split))

@@ -124,6 +124,12 @@ def base_config() -> ml_collections.ConfigDict:
         image_size=0,  # the box pass's square image size; 0: data.global_crop_size (224)
         batch_size=1024,  # global batch of the box pass (official: 64 per GPU x 16 GPUs)
     ))
+    # Fields a resume may change besides those that never alter the run (logging, mesh, kNN):
+    # comma-separated names or prefixes, e.g. "num_epochs" to extend a finished run.
+    config.allow_changed_fields = ""
+    # With several processes, how often they agree on stopping for a SIGTERM / Ctrl-C seen by
+    # any of them (an all-gather of one flag).
+    config.stop_check_every_steps = 10
     config.skip_nonfinite_steps = False  # False: stop on a non-finite loss; True: skip the step
     config.log_every_steps = 50
     config.checkpoint_every_steps = 1000

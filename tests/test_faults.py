@@ -189,6 +189,30 @@ def test_sigterm_during_compilation_exits_cleanly(tmp_path, config_file, chain):
     assert_trees_close(read_state(chain.full, 4), read_state(workdir, 4), rtol=0, atol=0)
 
 
+def test_sigint_saves_like_sigterm(tmp_path, config_file):
+    run = Run(config_file, str(tmp_path / "w"), str(tmp_path), "int")
+    run.wait_for(lambda: "step 3/8" in run.stdout())
+    run.proc.send_signal(signal.SIGINT)
+    assert run.finish() == 0, run.stderr()
+    last_done = max(read_metrics(run.workdir))
+    assert f"SIGINT: saved step {last_done} and stopped" in run.stdout()
+    assert max(_steps(run.workdir)) == last_done
+    assert "Traceback" not in run.stderr() and "Event loop is closed" not in run.stderr()
+
+
+def test_second_sigint_stops_at_once_without_a_torn_checkpoint(tmp_path, config_file):
+    run = Run(config_file, str(tmp_path / "w"), str(tmp_path), "int2")
+    run.wait_for(lambda: "step 3/8" in run.stdout())
+    run.proc.send_signal(signal.SIGINT)
+    run.proc.send_signal(signal.SIGINT)
+    assert run.finish() == 2, run.stderr()
+    lines = [l for l in run.stderr().splitlines() if l.strip()]
+    assert len(lines) == 1 and "stopped by a second Ctrl-C" in lines[0], run.stderr()
+    assert not _tmp_dirs(run.workdir)
+    for step in _steps(run.workdir):  # every committed step reads back whole
+        read_state(run.workdir, step)
+
+
 # ---------------------------------------------------------------------------------------------
 # In-process runs of bam_jax.main.main.
 
@@ -322,7 +346,8 @@ def test_device_count_changes_8_to_4_to_1(tmp_path, capsys, config_file, chain):
 def test_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys, config_file, chain):
     workdir = str(tmp_path / "w")
     resume_from(chain.full, workdir, step=4)
-    code, _, err = run_main(capsys, config_file, workdir, "--config.optimizer.base_lr=nan")
+    code, _, err = run_main(capsys, config_file, workdir, "--config.optimizer.base_lr=nan",
+                            "--config.allow_changed_fields=optimizer.base_lr")
     assert code == 2
     assert_one_error_line(err, "non-finite loss or gradient by step 5 (loss ")
     assert "the last good checkpoint is step 4. Lower the learning rate" in err
@@ -335,7 +360,8 @@ def test_nan_steps_are_skipped_when_asked(tmp_path, capsys, config_file, chain):
     workdir = str(tmp_path / "w")
     resume_from(chain.full, workdir, step=4)
     code, out, _ = run_main(capsys, config_file, workdir, "--config.optimizer.base_lr=nan",
-                            "--config.skip_nonfinite_steps=True")
+                            "--config.skip_nonfinite_steps=True",
+                            "--config.allow_changed_fields=optimizer.base_lr")
     assert code == 0 and "done: step 8" in out
     state, good = read_state(workdir, 8), read_state(chain.full, 4)
     assert int(state["nonfinite_steps"]) == 4 and int(state["step"]) == 8
@@ -495,3 +521,44 @@ def test_linear_probe_without_a_checkpoint(tmp_path, capsys):
     assert len(lines) == 1 and lines[0].startswith(
         f"bam_jax.linear_probe: error: no checkpoint in {pretrain / 'checkpoints'}: pretrain "
         f"first"), err
+
+
+def test_resume_under_a_config_that_changes_the_run_is_refused(tmp_path, capsys, config_file,
+                                                               chain):
+    workdir = str(tmp_path / "w")
+    resume_from(chain.full, workdir, step=4)
+    config_json = open(os.path.join(workdir, "config.json")).read()
+    code, _, err = run_main(capsys, config_file, workdir, "--config.batch_size=64",
+                            "--config.loss.top_k=8")
+    assert code == 2
+    assert_one_error_line(err, "the checkpoint of step 4 was trained with another config: "
+                               "batch_size 32 -> 64; loss.top_k 16 -> 8.")
+    assert "--config.allow_changed_fields=batch_size,loss.top_k" in err
+    assert open(os.path.join(workdir, "config.json")).read() == config_json
+    assert _steps(workdir) == [4] and max(read_metrics(workdir)) == 4
+
+
+def test_a_shorter_run_than_the_checkpoint_is_refused(tmp_path, capsys, config_file, chain):
+    workdir = str(tmp_path / "w")
+    resume_from(chain.full, workdir, step=6)
+    config_json = open(os.path.join(workdir, "config.json")).read()
+    code, _, err = run_main(capsys, config_file, workdir, "--config.num_train_steps=4",
+                            "--config.allow_changed_fields=num_train_steps")
+    assert code == 2
+    assert_one_error_line(err, "the checkpoint is at step 6, past the 4 steps this config")
+    assert open(os.path.join(workdir, "config.json")).read() == config_json
+    # Extending a run is a deliberate change: allowed, it trains on from the checkpoint.
+    code, out, _ = run_main(capsys, config_file, workdir, "--config.num_train_steps=10",
+                            "--config.allow_changed_fields=num_train_steps")
+    assert code == 0 and "resumed from the checkpoint of step 6" in out and "done: step 10" in out
+
+
+def test_a_second_run_on_a_workdir_in_use_is_refused(tmp_path, capsys, config_file):
+    first = Run(config_file, str(tmp_path / "w"), str(tmp_path), "first")
+    first.wait_for(lambda: "step 2/8" in first.stdout())
+    code, _, err = run_main(capsys, config_file, first.workdir)
+    assert code == 2
+    assert_one_error_line(err, f"is in use by another run (pid {first.proc.pid} on ")
+    assert first.finish() == 0, first.stderr()
+    assert sorted(read_metrics(first.workdir)) == list(range(1, STEPS + 1))  # one writer
+    assert not os.path.exists(os.path.join(first.workdir, "LOCK"))  # released at the end

@@ -14,9 +14,11 @@ explicit `process_index` / `process_count`.
 
 import importlib.util
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -79,9 +81,9 @@ def start_process(process_id, port, config_path, workdir, log_path):
 def two_process_stream(original):
     """What the 2-process run's global batches hold, as one single-process stream."""
 
-    def create(data_config, *, global_batch_size, seed, start_step=0):
+    def create(data_config, *, global_batch_size, seed, start_step=0, **kwargs):
         shards = [original(data_config, global_batch_size=global_batch_size, seed=seed,
-                           start_step=start_step, process_index=i, process_count=2)
+                           start_step=start_step, process_index=i, process_count=2, **kwargs)
                   for i in range(2)]
         return tf.data.Dataset.zip(*shards).map(
             lambda a, b: {key: tf.concat([a[key], b[key]], axis=0) for key in a})
@@ -137,3 +139,42 @@ def test_two_processes_train_as_one(tmp_path, monkeypatch):
     restored = ocp.StandardCheckpointer().restore(
         os.path.join(multi, "checkpoints", str(STEPS), "state"), target)
     assert_trees_close(restored["params"], reference["params"], rtol=1e-3, atol=2e-5)
+
+
+def test_sigterm_on_one_host_stops_both_at_the_same_step(tmp_path):
+    try:
+        port = free_port()
+    except OSError as error:
+        pytest.skip(f"no TCP on localhost for the JAX coordinator: {error}")
+    config_path = tmp_path / "long.py"
+    config_path.write_text(TINY_CONFIG.replace(f"num_train_steps = {STEPS}", "num_train_steps = 500")
+                           + "\n\nget_config_base = get_config\n\n\ndef get_config():\n"
+                           "    config = get_config_base()\n"
+                           "    config.stop_check_every_steps = 2\n    return config\n")
+    workdir = str(tmp_path / "multi")
+    logs = [tmp_path / f"process{i}.log" for i in range(2)]
+    processes = [start_process(i, port, config_path, workdir, logs[i]) for i in range(2)]
+    try:
+        deadline = time.monotonic() + 300
+        while "step 4/500" not in logs[0].read_text():
+            assert all(p.poll() is None for p in processes), logs[0].read_text()[-3000:]
+            assert time.monotonic() < deadline, "the 2-process run did not reach step 4"
+            time.sleep(0.05)
+        processes[1].send_signal(signal.SIGTERM)  # a preemption notice on one host only
+        codes = [p.wait(timeout=300) for p in processes]
+    except subprocess.TimeoutExpired:
+        pytest.fail("a host waited forever after the other stopped:\n" + "\n".join(
+            f"--- process {i}\n{log.read_text()[-3000:]}" for i, log in enumerate(logs)))
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    outputs = [log.read_text() for log in logs]
+    assert codes == [0, 0], outputs
+    saved = [int(o.split(": saved step ")[1].split()[0]) for o in outputs]
+    assert saved[0] == saved[1] and saved[0] % 2 == 0 and saved[0] < 500, outputs
+    assert "SIGTERM: saved step" in outputs[1]
+    assert "a stop request on another process: saved step" in outputs[0]
+    steps = [int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit()]
+    assert max(steps) == saved[0]
