@@ -30,6 +30,20 @@ file's offset in the split plus its position in the file.
 
 Eval sets and the box pass read each process's contiguous shard in index order, padded (with a
 `mask`) so no example is lost and every process yields the same number of batches.
+
+Images that do not decode. Resuming skips stream positions by arithmetic, so it is exact only if
+an example that fails to decode never moves the ones after it. The folder source therefore fixes
+its examples before any stream starts: listing a split (`scan_image_folder`) decodes every file
+once, in one parallel tf.data pass, and leaves out those that fail, naming the first few in one
+warning per split and process; a split where nothing decodes is a ValueError. Every process
+checks the whole split, so all agree on the examples and their indices, and the shards and
+epoch lengths stay equal. `mnist_bundled` holds pixels. A tfds split is not checked (that would
+decode the whole dataset at every start) because its records come from a prepared dataset, so a
+record that does not decode is rare; the train stream drops such a record (`ignore_errors`, one
+tf.data warning each time it comes) and gives its position to the next example (`_fill_gaps`),
+which keeps positions, and so resume, exact. The same net catches a folder file damaged after
+its check. A tfds split where no record decodes is not detected: its stream never yields. Eval
+and box passes drop a failed image with its row and pad up to the same count.
 """
 
 from __future__ import annotations
@@ -131,12 +145,24 @@ def default_data_config() -> ml_collections.ConfigDict:
 
 @dataclasses.dataclass(frozen=True)
 class FolderSplit:
-    """The valid image files of one split of a folder dataset, and how many were skipped."""
+    """The decodable image files of one split of a folder dataset, and what was left out."""
 
     paths: tuple[str, ...]
     labels: tuple[int, ...]
     class_names: tuple[str, ...]
-    skipped: int
+    skipped: int  # files without an image header
+    undecodable: tuple[str, ...]  # files with an image header that do not decode
+
+
+# Channels the folder source decodes every image to.
+_FOLDER_CHANNELS = 3
+# Undecodable files named in the folder source's warning and error.
+_NAMED_FILES = 3
+
+
+def _decode_image(raw: tf.Tensor, channels: int) -> tf.Tensor:
+    image = tf.io.decode_image(raw, channels=channels, expand_animations=False)
+    return tf.ensure_shape(image, [None, None, channels])
 
 
 def _has_image_header(path: str) -> bool:
@@ -148,13 +174,41 @@ def _has_image_header(path: str) -> bool:
     return head.startswith(_IMAGE_SIGNATURES)
 
 
+def _decodable(paths: list[str]) -> np.ndarray:
+    """Whether each of `paths` can be read and decoded: bool [len(paths)].
+
+    One parallel tf.data pass decodes every file as the input pipeline does, so the files it
+    flags are exactly those that would fail in the stream.
+    """
+
+    def check(i, path):
+        # The output depends on the decoded pixels, so the decode cannot be pruned.
+        return i, tf.size(_decode_image(tf.io.read_file(path), _FOLDER_CHANNELS))
+
+    ds = tf.data.Dataset.from_tensor_slices(paths).enumerate()
+    ds = ds.map(check, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+    decoded = np.zeros(len(paths), bool)
+    for indices, _ in ds.ignore_errors().batch(1024).as_numpy_iterator():
+        decoded[indices] = True
+    return decoded
+
+
+def _named(paths: tuple[str, ...], split_dir: str) -> str:
+    names = [p[len(split_dir):].lstrip("/") for p in paths[:_NAMED_FILES]]
+    return ", ".join(names) + (", ..." if len(paths) > _NAMED_FILES else "")
+
+
 @functools.lru_cache(maxsize=8)
 def scan_image_folder(root: str, split: str, class_split: str | None = None) -> FolderSplit:
-    """Lists `root/split/<class>/*`, dropping files that are not JPEG/PNG/GIF/BMP by their header.
+    """Lists the decodable images of `root/split/<class>/*`.
 
     Labels are indices into the sorted class folders of `class_split` (default: `split`), so that
-    train and val agree on the label of a class. The header check reads 16 bytes per file, in
-    parallel; files whose body is corrupt are still caught by `ignore_errors` at decode time.
+    train and val agree on the label of a class. Files without a JPEG/PNG/GIF/BMP header are
+    dropped (16 bytes read per file, in parallel), then every remaining file is decoded once
+    (`_decodable`) and those that fail (truncated, corrupt body) are dropped too, with one
+    warning naming the first few: the examples of the split, and so every index into it, are
+    fixed before any stream starts (see the module docstring). A split where nothing decodes is
+    a ValueError.
     """
     split_dir = os.path.join(root, split)
     class_dir = os.path.join(root, class_split or split)
@@ -186,10 +240,9 @@ def scan_image_folder(root: str, split: str, class_split: str | None = None) -> 
                 labels.append(class_index[name])
     with concurrent.futures.ThreadPoolExecutor(32) as pool:
         ok = list(pool.map(_has_image_header, candidates))
-    paths = tuple(p for p, good in zip(candidates, ok) if good)
-    kept_labels = tuple(lab for lab, good in zip(labels, ok) if good)
-    skipped = len(candidates) - len(paths)
-    if not paths:
+    images = [(p, lab) for p, lab, good in zip(candidates, labels, ok) if good]
+    skipped = len(candidates) - len(images)
+    if not images:
         raise ValueError(
             f"folder source: no images found under {split_dir!r}; put images in "
             f"{split_dir}/<class>/*.jpg or point config.data.folder at such a tree"
@@ -197,7 +250,23 @@ def scan_image_folder(root: str, split: str, class_split: str | None = None) -> 
     if skipped:
         _LOG.warning("folder source: skipped %d non-image files of %d under %s",
                      skipped, len(candidates), split_dir)
-    return FolderSplit(paths, kept_labels, class_names, skipped)
+    _LOG.info("folder source: decoding the %d images under %s once, to leave out unreadable ones",
+              len(images), split_dir)
+    decodable = _decodable([p for p, _ in images])
+    kept = [image for image, ok in zip(images, decodable) if ok]
+    undecodable = tuple(p for (p, _), ok in zip(images, decodable) if not ok)
+    if not kept:
+        raise ValueError(
+            f"folder source: none of the {len(images)} image files under {split_dir!r} can be "
+            f"decoded ({_named(undecodable, split_dir)}); they are truncated, corrupt or "
+            "unreadable: replace them, or point config.data.folder at a tree of readable images"
+        )
+    if undecodable:
+        _LOG.warning("folder source: left out %d of %d image files under %s that cannot be "
+                     "decoded (truncated, corrupt or unreadable): %s", len(undecodable),
+                     len(images), split_dir, _named(undecodable, split_dir))
+    return FolderSplit(tuple(p for p, _ in kept), tuple(lab for _, lab in kept), class_names,
+                       skipped, undecodable)
 
 
 def mnist_bundled_path() -> str:
@@ -256,7 +325,7 @@ class _Source:
             shape = self.builder.info.features["image"].shape
             self.channels = shape[-1] if shape and shape[-1] else 3
         elif self.kind == "folder":
-            self.channels = 3
+            self.channels = _FOLDER_CHANNELS
         elif self.kind == "mnist_bundled":
             self.channels = 1
         else:
@@ -301,8 +370,7 @@ class _Source:
             return raw
         if self.kind == "folder":
             raw = tf.io.read_file(raw)
-        image = tf.io.decode_image(raw, channels=self.channels, expand_animations=False)
-        return tf.ensure_shape(image, [None, None, self.channels])
+        return _decode_image(raw, self.channels)
 
     def tfds_shards(self, split: str) -> tuple[list[str], list[int]]:
         """Paths and example counts of the TFRecord files of a tfds split, in stored order."""
@@ -485,6 +553,23 @@ def _check_boxes(boxes, total: int, split: str) -> np.ndarray:
     return boxes
 
 
+def _fill_gaps(ds: tf.data.Dataset) -> tf.data.Dataset:
+    """Elements `(position, x)`, positions counting up from 0 with some missing -> one x per
+    position, a missing position taking the next present element.
+
+    An element dropped by `ignore_errors` thus never moves the ones after it: the element at
+    every position is a function of the elements from that position on, so a stream started
+    further on (resumed) yields the same elements there.
+    """
+
+    def count(expected, element):
+        position, x = element
+        return position + 1, (position + 1 - expected, x)
+
+    return ds.scan(tf.constant(0, tf.int64), count).flat_map(
+        lambda n, x: tf.data.Dataset.from_tensors(x).repeat(n))
+
+
 def create_pretrain_dataset(
     data_config: ml_collections.ConfigDict,
     *,
@@ -559,18 +644,19 @@ def create_pretrain_dataset(
             lambda: augment.multi_crop(image, key, crop_groups, photo),
         )
 
-    def augment_example(epoch, index, *record):
+    def augment_example(position, element):
+        epoch, index, *record = element
         image, label = example(index, *record)
         views = views_of(image, epoch, index)
         out = {"global_crops": views[0], "label": label}
         if len(views) > 1:
             out["local_crops"] = views[1]
-        return out
+        return position, out
 
     ds = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(epoch_elements)
-    ds = ds.skip(skip_in_epoch)
+    ds = ds.skip(skip_in_epoch).enumerate()
     ds = ds.map(augment_example, num_parallel_calls=_parallel(config))
-    ds = ds.ignore_errors(log_warning=True)  # a corrupt image body is skipped, never a crash
+    ds = _fill_gaps(ds.ignore_errors(log_warning=True))
     ds = ds.batch(batch, drop_remainder=True)
     ds = ds.prefetch(tf.data.AUTOTUNE)
     return ds.with_options(_options(config))
@@ -593,7 +679,10 @@ def _padded_pass(config, split: str, view_fn, view_size: int, keys: tuple[str, .
     Yields the `keys` of {"image": view_fn(uint8 image) float32 [b, S, S, C], "label": int32 [b],
     "index": int32 [b] index in the split, "mask": bool [b]}; padding has mask False, label and
     index -1. All processes yield `num_eval_batches` batches, and their real examples together
-    are the split, each exactly once (minus corrupt images, which are skipped).
+    are the split, each exactly once. An image that fails to decode (a tfds record, or a folder
+    file damaged after `scan_image_folder` checked it) is dropped with its row: every row carries
+    its own index and label, so no other row moves to a wrong one, and the padding makes up the
+    count.
     """
     pi, pc = _process(process_index, process_count)
     batch = per_process_batch_size(global_batch_size, pc)
@@ -621,8 +710,8 @@ def _padded_pass(config, split: str, view_fn, view_size: int, keys: tuple[str, .
         tf.constant(-1, tf.int32), tf.constant(False))).repeat()
     ds = ds.map(preprocess, num_parallel_calls=_parallel(config))
     ds = ds.ignore_errors(log_warning=True)
-    # Padding is appended endlessly and cut after `steps`, so a skipped corrupt file cannot make
-    # one process yield fewer batches than the others.
+    # Padding is appended endlessly and cut after `steps`, so a dropped image cannot make one
+    # process yield fewer batches than the others.
     ds = ds.concatenate(padding).batch(batch, drop_remainder=True).take(steps)
     return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(config))
 
@@ -668,8 +757,8 @@ def create_box_dataset(
 
     Yields {"image": float32 [b, S, S, C], "index": int32 [b], "mask": bool [b]}, padded like
     `create_eval_dataset`; `index` is the example's index in the split (-1 on padding), which is
-    where its box goes (`create_pretrain_dataset(boxes=...)`). A corrupt image is skipped, so its
-    index never comes: keep its previous box.
+    where its box goes (`create_pretrain_dataset(boxes=...)`). An image that fails to decode is
+    dropped (see `_padded_pass`), so its index never comes: keep its previous box.
 
     Each image is resized to S x S ignoring its aspect ratio, as the official
     `transforms.Resize((S, S))`, which on a PIL image is bilinear with PIL's antialiasing when

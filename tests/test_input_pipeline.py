@@ -119,14 +119,108 @@ def test_start_step_resume_bundled():
 def test_folder_source_skips_and_counts_bad_files(image_folder):
     c = _folder_config(image_folder)
     scanned = ip.scan_image_folder(image_folder, "train")
-    assert scanned.skipped == 1  # notes.jpg
+    assert scanned.skipped == 1  # notes.jpg: no image header
+    assert scanned.undecodable == (os.path.join(image_folder, "train", "class_1", "truncated.jpg"),)
     assert scanned.class_names == ("class_0", "class_1", "class_2")
-    assert ip.num_examples(c, "train") == 13 and ip.num_channels(c) == 3
+    assert ip.num_examples(c, "train") == 12 and ip.num_channels(c) == 3
     batches = _take(ip.create_pretrain_dataset(c, global_batch_size=4, seed=0), 6)
     assert batches[-1]["global_crops"].shape == (4, 2, 16, 16, 3)
     seen = sum(b["mask"].sum() for b in ip.create_eval_dataset(
         c, "train", global_batch_size=4).as_numpy_iterator())
-    assert seen == 12  # the truncated JPEG is dropped at decode time instead of crashing
+    assert seen == 12
+
+
+def _run_python(code: str, *args: str, timeout: float = 240, **env):
+    """`code` in a fresh interpreter (killed after `timeout` s): (return code, stdout, stderr)."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT, **env}
+    result = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=timeout)
+    return result.returncode, result.stdout, result.stderr
+
+
+_FIRST_BATCH = """
+import sys
+from bam_jax import input_pipeline as ip
+c = ip.default_data_config()
+c.update(source="folder", folder=sys.argv[1], global_crop_size=16, local_crops_number=0)
+try:
+    next(ip.create_pretrain_dataset(c, global_batch_size=4, seed=0).as_numpy_iterator())
+except ValueError as e:
+    print(repr(e))
+    sys.exit(3)
+"""
+
+
+def test_undecodable_folder_is_one_clear_error(tmp_path):
+    # Was: an endless tf.data loop at 100 % CPU, logging a warning per file and deaf to SIGTERM.
+    rng = np.random.default_rng(0)
+    d = tmp_path / "train" / "class_0"
+    d.mkdir(parents=True)
+    for i in range(4):
+        good = tf.io.encode_jpeg(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).numpy()
+        (d / f"{i}.jpg").write_bytes(good[: len(good) // 3])
+    png = tf.io.encode_png(np.zeros((8, 8, 3), np.uint8)).numpy()
+    (d / "4.png").write_bytes(png[:16] + rng.bytes(100))  # a valid magic number, then garbage
+    code, out, err = _run_python(_FIRST_BATCH, str(tmp_path))
+    assert code == 3, err[-2000:]
+    assert out == (f"ValueError(\"folder source: none of the 5 image files under "
+                   f"'{tmp_path / 'train'}' can be decoded (class_0/0.jpg, class_0/1.jpg, "
+                   "class_0/2.jpg, ...); they are truncated, corrupt or unreadable: replace them, "
+                   "or point config.data.folder at a tree of readable images\")\n")
+
+
+def test_one_undecodable_image_keeps_exact_resume(image_folder):
+    # train: 12 images that decode and the truncated JPEG; batch 5 straddles the epochs.
+    c = _folder_config(image_folder)
+    full = _take(ip.create_pretrain_dataset(c, global_batch_size=5, seed=2), 8)
+    labels = np.concatenate([b["label"] for b in full])
+    for epoch in range(3):  # every epoch is the 12 good images once: 4 per class
+        assert np.bincount(labels[12 * epoch : 12 * (epoch + 1)]).tolist() == [4, 4, 4]
+    for start in (2, 5):
+        resumed = _take(ip.create_pretrain_dataset(c, global_batch_size=5, seed=2,
+                                                   start_step=start), 8 - start)
+        for a, b in zip(full[start:], resumed):
+            np.testing.assert_array_equal(a["label"], b["label"])
+            np.testing.assert_array_equal(a["global_crops"], b["global_crops"])
+            np.testing.assert_array_equal(a["local_crops"], b["local_crops"])
+
+
+_EPOCHS_THEN_MORE = """
+import logging, sys
+logging.basicConfig(level=logging.WARNING)
+from bam_jax import input_pipeline as ip
+c = ip.default_data_config()
+c.update(source="folder", folder=sys.argv[1], global_crop_size=16, local_crops_number=0,
+         eval_resize=16, eval_crop_size=16)
+batches = ip.create_pretrain_dataset(c, global_batch_size=4, seed=0).as_numpy_iterator()
+for _ in range(3):  # one epoch
+    next(batches)
+print("ONE EPOCH READ", file=sys.stderr, flush=True)
+for _ in range(12):  # four more
+    next(batches)
+for _ in ip.create_eval_dataset(c, "train", global_batch_size=4).as_numpy_iterator():
+    pass
+for _ in ip.create_box_dataset(c, image_size=8, global_batch_size=4).as_numpy_iterator():
+    pass
+"""
+
+
+def test_undecodable_image_warnings_do_not_grow_with_epochs(image_folder):
+    # tf.data's own warnings are C++ logs: shown only with TF_CPP_MIN_LOG_LEVEL=0, in a child.
+    code, _, err = _run_python(_EPOCHS_THEN_MORE, image_folder, TF_CPP_MIN_LOG_LEVEL="0")
+    assert code == 0, err[-2000:]
+    first, more = err.split("ONE EPOCH READ")
+    summary = ("folder source: left out 1 of 13 image files under "
+               f"{os.path.join(image_folder, 'train')} that cannot be decoded (truncated, "
+               "corrupt or unreadable): class_1/truncated.jpg")
+    assert first.count(summary) == 1
+
+    def about_decoding(text):
+        return [line for line in text.splitlines()
+                if any(w in line for w in ("truncated", "JPEG", "decode", "Error raised"))]
+
+    assert len(about_decoding(first)) <= 2  # the summary and libjpeg's complaint while checking
+    assert about_decoding(more) == []
 
 
 def test_folder_eval_split_labels(image_folder):
@@ -490,3 +584,69 @@ def test_boxes_of_wrong_shape_are_clear_error(quadrant_folder):
     with pytest.raises(ValueError, match=r"boxes must have shape \(6, 4\).*got shape \(5, 4\)"):
         ip.create_pretrain_dataset(quadrant_folder, global_batch_size=4, seed=0,
                                    boxes=np.zeros((5, 4), np.float32))
+
+
+def _real_rows(batches, key):
+    """(index, `key` value) of the real rows of padded batches, in order."""
+    return [(int(i), v) for b in batches for i, v in zip(b["index"][b["mask"]], b[key][b["mask"]])]
+
+
+def test_eval_and_box_passes_leave_out_the_undecodable_image(image_folder):
+    c = _plain(_folder_config(image_folder))
+    scanned = ip.scan_image_folder(image_folder, "train")
+    for count in (1, 2):
+        evals = [list(ip.create_eval_dataset(c, "train", global_batch_size=4 * count,
+                                             process_index=p, process_count=count)
+                      .as_numpy_iterator()) for p in range(count)]
+        assert len({len(h) for h in evals}) == 1
+        labels = [label for h in evals for b in h for label in b["label"][b["mask"]]]
+        assert labels == list(scanned.labels)  # the 12 good images once each, in index order
+        assert all((b["label"][~b["mask"]] == -1).all() for h in evals for b in h)
+        rows = [row for h in _box_batches(c, 8, 4 * count, count) for row in _real_rows(h, "image")]
+        assert [i for i, _ in rows] == list(range(12))
+        for i, image in rows:  # each row is the image its index names
+            decoded = tf.io.decode_image(tf.io.read_file(scanned.paths[i]), 3)
+            expected = tf.image.resize(decoded, [8, 8], "bilinear", antialias=True) / 255
+            np.testing.assert_allclose(image, expected, atol=1e-5)
+
+
+def _truncate_record(config, split: str, index: int) -> None:
+    """Rewrites a prepared tfds split with the image of record `index` cut to half its bytes."""
+    paths, lengths = ip._source(config).tfds_shards(split)
+    file = int(np.searchsorted(np.cumsum(lengths), index, side="right"))
+    records = [r.numpy() for r in tf.data.TFRecordDataset(paths[file])]
+    position = index - sum(lengths[:file])
+    example = tf.train.Example.FromString(records[position])
+    image = example.features.feature["image"].bytes_list.value
+    image[0] = image[0][: len(image[0]) // 2]
+    records[position] = example.SerializeToString()
+    with tf.io.TFRecordWriter(paths[file]) as writer:
+        for record in records:
+            writer.write(record)
+
+
+def test_tfds_undecodable_record_keeps_positions(tmp_path):
+    data_dir = os.fspath(tmp_path)
+    ConstDigits(data_dir=data_dir).download_and_prepare(
+        download_config=tfds.download.DownloadConfig(num_shards=4))
+    c = _tiny(local=0)
+    c.update(source="tfds", tfds_name="const_digits", data_dir=data_dir)
+    c = _plain(c)
+    values = _stored_values(c, "train")
+    bad = 7
+    _truncate_record(c, "train", bad)
+    kwargs = dict(global_batch_size=3, seed=4)
+    full = _take(ip.create_pretrain_dataset(c, **kwargs), 14)  # two epochs of 21 positions
+    keys = _keys(full)
+    for epoch in (keys[:21], keys[21:]):  # the bad record's position goes to the next example
+        assert set(epoch) == set(range(21)) - {values[bad] // 10}
+    for start in (5, 9):
+        resumed = _take(ip.create_pretrain_dataset(c, start_step=start, **kwargs), 14 - start)
+        for a, b in zip(full[start:], resumed):
+            np.testing.assert_array_equal(a["global_crops"], b["global_crops"])
+    hosts = _box_batches(c, 8, 4, 2)
+    assert len(hosts[0]) == len(hosts[1]) == ip.num_eval_batches(21, 4, 2)
+    rows = [row for h in hosts for row in _real_rows(h, "image")]
+    assert [i for i, _ in rows] == [i for i in range(21) if i != bad]
+    for i, image in rows:
+        np.testing.assert_allclose(image, np.full_like(image, values[i] / 255), atol=1e-5)
