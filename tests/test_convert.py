@@ -224,11 +224,9 @@ def test_cli_import_and_usage_errors(dino_checkpoint, tmp_path, capsys):
     assert "convert: error:" in capsys.readouterr().err
 
 
-def test_export_from_workdir(tmp_path):
-    """A bam_jax run's checkpoint (written by the trainer's own Checkpointer) -> timm names."""
-    from flax import nnx
-
-    from bam_jax import checkpoint, train
+def _tiny_vit_config_and_state():
+    """A 2-block ViT pretraining config with a teacher, and its initial train state."""
+    from bam_jax import train
     from configs import default as default_config
 
     config = default_config.get_config()
@@ -236,7 +234,17 @@ def test_export_from_workdir(tmp_path):
                         patch_size=4)
     config.model.projector.update(hidden_dim=32, out_dim=16)
     config.teacher.enabled = True
-    state = train.init_state(train.model_factory(config), train.make_optimizer(config), True)
+    return config, train.init_state(train.model_factory(config), train.make_optimizer(config),
+                                    True)
+
+
+def test_export_from_workdir(tmp_path):
+    """A bam_jax run's checkpoint (written by the trainer's own Checkpointer) -> timm names."""
+    from flax import nnx
+
+    from bam_jax import checkpoint, train
+
+    config, state = _tiny_vit_config_and_state()
     # A teacher unlike the student, so the test sees which one is exported.
     state = state.replace(teacher_params=jax.tree.map(lambda p: p + 1.0, state.params))
     ckpt = checkpoint.Checkpointer(str(tmp_path), async_save=False)
@@ -261,15 +269,9 @@ def test_export_from_workdir(tmp_path):
 def _two_step_vit_run(workdir):
     """Steps 2 and 4 of a tiny ViT run (teachers +2 and +4 off the student), written by the
     trainer's Checkpointer; returns the config and the state of step 2."""
-    from bam_jax import checkpoint, train
-    from configs import default as default_config
+    from bam_jax import checkpoint
 
-    config = default_config.get_config()
-    config.model.update(backbone="vit", vit_variant="custom", width=32, depth=2, num_heads=2,
-                        patch_size=4)
-    config.model.projector.update(hidden_dim=32, out_dim=16)
-    config.teacher.enabled = True
-    state = train.init_state(train.model_factory(config), train.make_optimizer(config), True)
+    config, state = _tiny_vit_config_and_state()
     writer = checkpoint.Checkpointer(workdir, async_save=False)
     states = {}
     for step in (2, 4):

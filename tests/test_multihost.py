@@ -12,6 +12,7 @@ concatenation of the two per-process streams, which `create_pretrain_dataset` bu
 explicit `process_index` / `process_count`.
 """
 
+import contextlib
 import importlib.util
 import os
 import signal
@@ -78,6 +79,28 @@ def start_process(process_id, port, config_path, workdir, log_path):
              f"--workdir={workdir}"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
+@contextlib.contextmanager
+def two_processes(tmp_path, config_path, workdir, hang: str):
+    """Both processes of a 2-process `bam_jax.main` run, with their logs; killed on exit; a
+    wait that times out fails the test with `hang` and the logs' tails."""
+    try:
+        port = free_port()
+    except OSError as error:
+        pytest.skip(f"no TCP on localhost for the JAX coordinator: {error}")
+    logs = [tmp_path / f"process{i}.log" for i in range(2)]
+    processes = [start_process(i, port, config_path, workdir, logs[i]) for i in range(2)]
+    try:
+        yield processes, logs
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{hang}:\n" + "\n".join(
+            f"--- process {i}\n{log.read_text()[-3000:]}" for i, log in enumerate(logs)))
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
 def two_process_stream(original):
     """What the 2-process run's global batches hold, as one single-process stream."""
 
@@ -92,16 +115,11 @@ def two_process_stream(original):
 
 
 def test_two_processes_train_as_one(tmp_path, monkeypatch):
-    try:
-        port = free_port()
-    except OSError as error:
-        pytest.skip(f"no TCP on localhost for the JAX coordinator: {error}")
     config_path = tmp_path / "tiny.py"
     config_path.write_text(TINY_CONFIG)
     multi = str(tmp_path / "multi")
-    logs = [tmp_path / f"process{i}.log" for i in range(2)]
-    processes = [start_process(i, port, config_path, multi, logs[i]) for i in range(2)]
-    try:
+    with two_processes(tmp_path, config_path, multi, "the 2-process run hung") as (processes,
+                                                                                   logs):
         # The reference trains here while the two processes run: 3 processes on the CPU cores.
         config = load_config(config_path)
         config.mesh.num_devices = 4
@@ -110,14 +128,6 @@ def test_two_processes_train_as_one(tmp_path, monkeypatch):
         single = str(tmp_path / "single")
         assert train.train_and_evaluate(config, single)["step"] == STEPS
         codes = [p.wait(timeout=300) for p in processes]
-    except subprocess.TimeoutExpired:
-        pytest.fail("the 2-process run hung:\n" + "\n".join(
-            f"--- process {i}\n{log.read_text()[-3000:]}" for i, log in enumerate(logs)))
-    finally:
-        for p in processes:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
     outputs = [log.read_text() for log in logs]
     for i, (code, output) in enumerate(zip(codes, outputs)):
         assert code == 0, f"process {i} exited {code}:\n{output[-4000:]}"
@@ -142,19 +152,14 @@ def test_two_processes_train_as_one(tmp_path, monkeypatch):
 
 
 def test_sigterm_on_one_host_stops_both_at_the_same_step(tmp_path):
-    try:
-        port = free_port()
-    except OSError as error:
-        pytest.skip(f"no TCP on localhost for the JAX coordinator: {error}")
     config_path = tmp_path / "long.py"
     config_path.write_text(TINY_CONFIG.replace(f"num_train_steps = {STEPS}", "num_train_steps = 500")
                            + "\n\nget_config_base = get_config\n\n\ndef get_config():\n"
                            "    config = get_config_base()\n"
                            "    config.stop_check_every_steps = 2\n    return config\n")
     workdir = str(tmp_path / "multi")
-    logs = [tmp_path / f"process{i}.log" for i in range(2)]
-    processes = [start_process(i, port, config_path, workdir, logs[i]) for i in range(2)]
-    try:
+    with two_processes(tmp_path, config_path, workdir,
+                       "a host waited forever after the other stopped") as (processes, logs):
         deadline = time.monotonic() + 300
         while "step 4/500" not in logs[0].read_text():
             assert all(p.poll() is None for p in processes), logs[0].read_text()[-3000:]
@@ -162,14 +167,6 @@ def test_sigterm_on_one_host_stops_both_at_the_same_step(tmp_path):
             time.sleep(0.05)
         processes[1].send_signal(signal.SIGTERM)  # a preemption notice on one host only
         codes = [p.wait(timeout=300) for p in processes]
-    except subprocess.TimeoutExpired:
-        pytest.fail("a host waited forever after the other stopped:\n" + "\n".join(
-            f"--- process {i}\n{log.read_text()[-3000:]}" for i, log in enumerate(logs)))
-    finally:
-        for p in processes:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
     outputs = [log.read_text() for log in logs]
     assert codes == [0, 0], outputs
     saved = [int(o.split(": saved step ")[1].split()[0]) for o in outputs]

@@ -374,3 +374,10 @@ def test_resume_after_a_box_update_continues_exactly(ccrop_run, tmp_path):
     for step in (7, 8):
         assert resumed_metrics[step]["loss"] == full_metrics[step]["loss"]
     assert_trees_close(read_state(workdir, 8), read_state(resumed, 8), rtol=0, atol=0)
+    # On another device count the boxes come back the same (a host array in the checkpoint).
+    on4 = str(tmp_path / "on4")
+    resume_from(workdir, on4, step=6)
+    on4_config = config.copy_and_resolve_references()
+    on4_config.mesh.num_devices = 4
+    train.train_and_evaluate(on4_config, on4)
+    np.testing.assert_array_equal(train.read_run_boxes(config, on4, 8), boxes)
