@@ -31,7 +31,7 @@ from etils import epath
 from flax import nnx
 
 from bam_jax import checkpoint as checkpoint_lib
-from bam_jax import config_checks
+from bam_jax import config_checks, contrastive_crop
 from bam_jax import loss as loss_lib
 from bam_jax import models
 
@@ -563,7 +563,6 @@ def workdir_lock(workdir: str):
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, signals: _StopSignals,
                         lock: checkpoint_lib.WorkdirLock) -> dict[str, Any]:
     from bam_jax import evaluate, input_pipeline  # noqa: PLC0415 (see the module docstring)
-    from bam_jax import contrastive_crop  # noqa: PLC0415
 
     checkpoint_lib.workdir_path(workdir).mkdir(parents=True, exist_ok=True)
     mesh = make_mesh(config)
