@@ -317,7 +317,7 @@ RACER = textwrap.dedent('''
 
 
 def test_two_processes_racing_for_a_workdir_exactly_one_wins(tmp_path):
-    rounds = 5
+    rounds = 3
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO,
                                                                os.environ.get("PYTHONPATH")])))
     racers = [subprocess.Popen([sys.executable, "-c", RACER, str(tmp_path), name, str(rounds)],

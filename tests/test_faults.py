@@ -189,17 +189,6 @@ def test_sigterm_during_compilation_exits_cleanly(tmp_path, config_file, chain):
     assert_trees_close(read_state(chain.full, 4), read_state(workdir, 4), rtol=0, atol=0)
 
 
-def test_sigint_saves_like_sigterm(tmp_path, config_file):
-    run = Run(config_file, str(tmp_path / "w"), str(tmp_path), "int")
-    run.wait_for(lambda: "step 3/8" in run.stdout())
-    run.proc.send_signal(signal.SIGINT)
-    assert run.finish() == 0, run.stderr()
-    last_done = max(read_metrics(run.workdir))
-    assert f"SIGINT: saved step {last_done} and stopped" in run.stdout()
-    assert max(_steps(run.workdir)) == last_done
-    assert "Traceback" not in run.stderr() and "Event loop is closed" not in run.stderr()
-
-
 def test_a_second_sigint_interrupts_at_once():
     # Two signals that arrive before Python runs the handler coalesce into one, so the second
     # Ctrl-C is tested here, in this process, and its effect on a run below.
@@ -553,15 +542,41 @@ def test_a_shorter_run_than_the_checkpoint_is_refused(tmp_path, capsys, config_f
     assert code == 0 and "resumed from the checkpoint of step 6" in out and "done: step 10" in out
 
 
+def test_sigint_saves_like_sigterm(tmp_path, capsys, config_file, monkeypatch):
+    agreed_stop = train._agreed_stop
+
+    def ctrl_c_at_step_3(requested, step, every):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # handled here: the next step sees it
+        return agreed_stop(requested, step, every)
+
+    monkeypatch.setattr(train, "_agreed_stop", ctrl_c_at_step_3)
+    workdir = str(tmp_path / "w")
+    code, out, err = run_main(capsys, config_file, workdir)
+    assert code == 0, err
+    assert "SIGINT: saved step 4 and stopped; rerun the same command to resume" in out
+    assert _steps(workdir) == [2, 4] and max(read_metrics(workdir)) == 4
+    assert "Traceback" not in err and "Event loop is closed" not in err
+
+
 def test_a_second_run_on_a_workdir_in_use_is_refused(tmp_path, capsys, config_file):
-    first = Run(config_file, str(tmp_path / "w"), str(tmp_path), "first")
-    first.wait_for(lambda: "step 2/8" in first.stdout())
-    code, _, err = run_main(capsys, config_file, first.workdir)
+    workdir = tmp_path / "w"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\n"
+         "from bam_jax import checkpoint\n"
+         "checkpoint.WorkdirLock(sys.argv[1], process_index=0).acquire()\n"
+         "print('held', flush=True)\n"
+         "time.sleep(600)\n", str(workdir)],
+        cwd=REPO, env=_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code, _, err = run_main(capsys, config_file, str(workdir))
+    finally:
+        holder.kill()
+        holder.wait()
     assert code == 2
-    assert_one_error_line(err, f"is in use by another run (pid {first.proc.pid} on ")
-    assert first.finish() == 0, first.stderr()
-    assert sorted(read_metrics(first.workdir)) == list(range(1, STEPS + 1))  # one writer
-    assert not os.path.exists(os.path.join(first.workdir, "LOCK"))  # released at the end
+    assert_one_error_line(err, f"is in use by another run (pid {holder.pid} on ")
+    assert not os.path.exists(workdir / "checkpoints")  # refused before touching anything
 
 
 def test_a_second_ctrl_c_in_the_loop_stops_without_a_torn_checkpoint(tmp_path, capsys,
