@@ -27,6 +27,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from bam_jax import cli
+
 _LOG = logging.getLogger(__name__)
 
 
@@ -100,7 +102,7 @@ class Checkpointer:
         except ValueError as error:
             raise IncompatibleCheckpointError(
                 f"the ContrastiveCrop boxes of step {step} in {self.directory} do not fit the "
-                f"{num_examples} training examples ({_first_line(error)}); train on the data "
+                f"{num_examples} training examples ({cli.first_line(error)}); train on the data "
                 f"the run started with, or use a new --workdir") from error
         return np.asarray(restored.boxes["boxes"])
 
@@ -144,7 +146,7 @@ class Checkpointer:
                         f"configured model; use a new --workdir or the config it was trained with"
                     ) from error
                 _LOG.warning("checkpoint step %d is unreadable (%s); trying the previous one",
-                             step, _first_line(error))
+                             step, cli.first_line(error))
                 continue
             return step, restored.state
         return None
@@ -159,11 +161,6 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _saved_arrays_differ(state_dir: epath.Path, abstract_state: Any) -> bool:
@@ -190,6 +187,80 @@ def abstract_with_shardings(state: Any, shardings: Any) -> Any:
     return jax.tree.map(
         lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
         state, shardings)
+
+
+# ---------------------------------------------------------------------------------------------
+# The two ways into a run's checkpoints: its own trainer (writable) and readers (read-only).
+# ---------------------------------------------------------------------------------------------
+def restore_or_init(make_state: Callable[[], Any], abstract_state: Any, shardings: Any,
+                    checkpointer: Checkpointer) -> tuple[Any, bool]:
+    """(state, resumed): the newest readable checkpoint, or a jitted init straight into
+    `shardings`. Pretraining and the linear probe resume this way."""
+    restored = checkpointer.restore_latest(abstract_with_shardings(abstract_state, shardings))
+    if restored is None and checkpointer.all_steps():
+        # Never start afresh over checkpoints it cannot read: its saves would be refused or
+        # would replace them.
+        raise ValueError(f"none of the checkpoints {checkpointer.all_steps()} in "
+                         f"{checkpointer.directory} could be read (see the warnings above); "
+                         f"move them away or use a new --workdir")
+    if restored is None:
+        _LOG.info("initialising a new state in %s", checkpointer.directory)
+        return jax.jit(make_state, out_shardings=shardings)(), False
+    step, state = restored
+    print(f"resumed from the checkpoint of step {step} in {checkpointer.directory}", flush=True)
+    return state, True
+
+
+def read_newest(workdir: str, target: Any, alternative: str = "") -> tuple[int, Any, dict]:
+    """(step, state, config) of the newest readable checkpoint of a run, opened read-only: how
+    every reader restores (kNN, linear probe, pictures, convert).
+
+    `target` is the abstract state with shardings (see `abstract_with_shardings`), or one
+    Sharding to restore every array with the shape and dtype it was saved with. `alternative`
+    ends the no-checkpoint error with what else the caller can do.
+    """
+    directory = workdir_path(workdir) / "checkpoints"
+    # Checked first, for a message that says what to do.
+    if not directory.is_dir() or not any(p.name.isdigit() for p in directory.iterdir()):
+        raise ValueError(f"no checkpoint in {directory}: pretrain first (python -m bam_jax.main "
+                         f"--workdir={workdir} ...){alternative}")
+    checkpointer = Checkpointer(workdir, read_only=True)
+    try:
+        restored = (checkpointer.restore_latest_as_saved(target)
+                    if isinstance(target, jax.sharding.Sharding)
+                    else checkpointer.restore_latest(target))
+        if restored is None:
+            raise ValueError(f"none of the checkpoints {checkpointer.all_steps()} in "
+                             f"{directory} could be read (see the warnings above); rerun the "
+                             f"pretraining to write a new one")
+        step, state = restored
+        return step, state, checkpointer.restore_config(step)
+    finally:
+        checkpointer.close()
+
+
+def read_boxes(workdir: str, step: int, num_examples: int) -> np.ndarray | None:
+    """The ContrastiveCrop box table saved with `step` of a run, or None."""
+    checkpointer = Checkpointer(workdir, read_only=True)
+    try:
+        return checkpointer.restore_boxes(step, num_examples)
+    finally:
+        checkpointer.close()
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """config.json in the workdir (process 0), read back by the evaluation entry points."""
+    if jax.process_index() == 0:
+        (workdir_path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
+
+
+def read_run_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config that `save_config` wrote to DIR/config.json (gs:// too)."""
+    path = workdir_path(workdir) / "config.json"
+    if not path.exists():
+        raise ValueError(f"{path} does not exist: {workdir!r} is not a bam_jax pretraining "
+                         f"workdir; pass the --workdir given to `python -m bam_jax.main`")
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,7 +424,7 @@ class WorkdirLock:
                 else:
                     self.path.write_text(self._lease_text())
             except OSError as error:  # a full disk or a network blip: the next beat retries
-                _LOG.warning("could not refresh %s: %s", self.path, _first_line(error))
+                _LOG.warning("could not refresh %s: %s", self.path, cli.first_line(error))
 
     # -- judging another run's lease -----------------------------------------------------------
     def _stale_reason(self, text: str) -> str | None:

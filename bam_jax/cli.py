@@ -16,10 +16,15 @@ class ConfigFileError(flags.Error):
     """A --config file that cannot be read, does not run, or has no usable get_config()."""
 
 
+def first_line(error: BaseException) -> str:
+    """An exception's message in one line (its type when it has none)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def error_line(program: str, error: BaseException) -> str:
     """The one line an entry point prints for an error the user can fix."""
-    text = str(error).strip()
-    return f"{program}: error: {text.splitlines()[0] if text else repr(error)}"
+    return f"{program}: error: {first_line(error)}"
 
 
 def flags_parser(program: str) -> Callable[[list[str]], list[str]]:

@@ -9,12 +9,10 @@ import logging
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from absl import app, flags
 
-from absl import app, flags  # noqa: E402
-
-from bam_jax import cli, config_checks  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from bam_jax import cli, config_checks
+from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file with get_config(); override fields with "

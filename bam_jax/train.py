@@ -1,11 +1,13 @@
-"""BAM pretraining, top to bottom: mesh -> abstract state -> sharded init -> jitted step -> loop.
+"""BAM pretraining, top to bottom: schedules -> abstract state -> sharded init -> jitted step ->
+loop. The mesh and every sharding come from `bam_jax.sharding`.
 
 Read this file from the top: every stage of a run is one function here, called in order by
-`train_and_evaluate`. The model is flax.nnx used functionally (split once, merge inside jit); the
-loss runs inside `jax.shard_map` so each device holds only its rows of the attention matrix.
+`train_and_evaluate` (`_setup`, then `run_loop`). The model is flax.nnx used functionally (split
+once, merge inside jit); the loss runs inside `jax.shard_map` so each device holds only its rows
+of the attention matrix. The linear probe reuses the state, the loop and the logging.
 
-The TensorFlow-based modules (the input pipeline, kNN evaluation, clu's writers) are imported in
-the functions that use them: the step itself needs only JAX, so `bam_jax.benchmark` runs on
+The TensorFlow-based modules (the input pipeline, evaluations, clu's writers) are imported in
+the functions that use them: the step itself needs only JAX, so `bam_jax.tools.benchmark` runs on
 accelerator images that have JAX but no TensorFlow.
 """
 
@@ -31,41 +33,14 @@ from etils import epath
 from flax import nnx
 
 from bam_jax import checkpoint as checkpoint_lib
-from bam_jax import config_checks, contrastive_crop
+from bam_jax import config_checks, contrastive_crop, sharding
 from bam_jax import loss as loss_lib
 from bam_jax import models
 
 _LOG = logging.getLogger(__name__)
 
-# The batch is split over every mesh axis: 'fsdp' shards parameters *and* data, as in MaxText.
-BATCH_AXES = ("data", "fsdp")
-
-
 class NonFiniteLossError(RuntimeError):
     """Training produced a non-finite loss or gradient and the config says stop."""
-
-
-# ---------------------------------------------------------------------------------------------
-# 1. The mesh.
-# ---------------------------------------------------------------------------------------------
-def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
-    """One ('data', 'fsdp') mesh; `config.mesh.fsdp` devices share each parameter.
-
-    `config.mesh.num_devices` > 0 uses only the first that many devices (single-process runs).
-    """
-    devices = jax.devices()
-    if config.mesh.num_devices > 0:
-        if config.mesh.num_devices > len(devices) or jax.process_count() > 1:
-            raise ValueError(f"config.mesh.num_devices={config.mesh.num_devices} needs a single "
-                             f"process with at least that many devices (have {len(devices)}); "
-                             f"set --config.mesh.num_devices=0 to use all")
-        devices = devices[:config.mesh.num_devices]
-    fsdp = config.mesh.fsdp
-    if fsdp < 1 or len(devices) % fsdp:
-        raise ValueError(f"config.mesh.fsdp={fsdp} must divide the {len(devices)} devices; "
-                         f"set --config.mesh.fsdp to a divisor of {len(devices)}")
-    return jax.make_mesh((len(devices) // fsdp, fsdp), BATCH_AXES, devices=devices,
-                         axis_types=(jax.sharding.AxisType.Auto,) * 2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,15 +79,21 @@ class Schedules:
     teacher_momentum: Callable
 
 
+def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int,
+                           total_steps: int) -> Callable:
+    """Warmup then cosine to `min_lr`, peaking at the official linear scaling rule,
+    base_lr * global_batch / 256 (min_lr is *not* scaled). Pretraining and the linear probe."""
+    opt = config.optimizer
+    peak = opt.base_lr * config.batch_size / 256
+    warmup = int(round(opt.warmup_epochs * steps_per_epoch))
+    return cosine_schedule(peak, opt.min_lr, total_steps, min(warmup, total_steps))
+
+
 def make_schedules(config: ml_collections.ConfigDict, steps_per_epoch: int,
                    total_steps: int) -> Schedules:
     opt = config.optimizer
-    # Linear scaling rule of the official code: lr = base_lr * global_batch / 256. The official
-    # min_lr is *not* scaled.
-    peak_lr = opt.base_lr * config.batch_size / 256
-    warmup = int(round(opt.warmup_epochs * steps_per_epoch))
     return Schedules(
-        learning_rate=cosine_schedule(peak_lr, opt.min_lr, total_steps, min(warmup, total_steps)),
+        learning_rate=learning_rate_schedule(config, steps_per_epoch, total_steps),
         weight_decay=cosine_schedule(opt.weight_decay, opt.weight_decay_final, total_steps),
         sinkhorn_reg=linear_then_constant(
             config.loss.sinkhorn_reg, config.loss.sinkhorn_reg_final,
@@ -200,16 +181,23 @@ class TrainState:
     nonfinite_steps: jax.Array  # steps skipped for a non-finite loss or gradient
 
 
-def model_factory(config: ml_collections.ConfigDict) -> Callable[[], models.BAMModel]:
-    from bam_jax import input_pipeline  # noqa: PLC0415 (TensorFlow; see the module docstring)
+def model_factory(model_config: ml_collections.ConfigDict, *, num_channels: int,
+                  image_size: int, seed: int) -> Callable[[], models.BAMModel]:
+    """What `state_layout` traces and the sharded init runs: the model, from `seed`."""
 
     def create():
-        return models.build_model(
-            config.model, num_channels=input_pipeline.num_channels(config.data),
-            image_size=config.data.global_crop_size,
-            rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1))
+        return models.build_model(model_config, num_channels=num_channels, image_size=image_size,
+                                  rngs=nnx.Rngs(params=seed, dropout=seed + 1))
 
     return create
+
+
+def run_model_factory(config: ml_collections.ConfigDict) -> Callable[[], models.BAMModel]:
+    """`model_factory` of a pretraining config (its data says the channels)."""
+    from bam_jax.data import pipeline  # noqa: PLC0415 (TensorFlow; see the module docstring)
+
+    return model_factory(config.model, num_channels=pipeline.num_channels(config.data),
+                         image_size=config.data.global_crop_size, seed=config.seed)
 
 
 def init_state(create_model: Callable, optimizer: optax.GradientTransformation,
@@ -235,24 +223,6 @@ def _with_own_random_streams(model_state: nnx.State) -> nnx.State:
     return jax.tree.map(copy, model_state)
 
 
-def state_shardings(abstract_state: TrainState, mesh: jax.sharding.Mesh,
-                    fsdp_min_size: int) -> TrainState:
-    """Replicate small leaves; with an fsdp axis > 1, shard each large leaf's largest divisible
-    dimension over 'fsdp' (ZeRO-3 style; XLA all-gathers it where a matmul needs it)."""
-    fsdp = mesh.shape["fsdp"]
-
-    def leaf_sharding(leaf):
-        spec = [None] * leaf.ndim
-        if fsdp > 1 and leaf.size >= fsdp_min_size:
-            for dim in np.argsort(leaf.shape)[::-1]:
-                if leaf.shape[dim] % fsdp == 0:
-                    spec[dim] = "fsdp"
-                    break
-        return jax.NamedSharding(mesh, jax.P(*spec))
-
-    return jax.tree.map(leaf_sharding, abstract_state)
-
-
 class StateLayout(NamedTuple):
     graphdef: nnx.GraphDef
     make_state: Callable[[], TrainState]  # what a jitted, sharded init runs
@@ -268,16 +238,25 @@ def state_layout(create_model: Callable[[], nnx.Module], optimizer: optax.Gradie
     make_state = lambda: init_state(create_model, optimizer, use_teacher)  # noqa: E731
     abstract_state = jax.eval_shape(make_state)
     return StateLayout(graphdef, make_state, abstract_state,
-                       state_shardings(abstract_state, mesh, fsdp_min_size))
+                       sharding.state_shardings(abstract_state, mesh, fsdp_min_size))
 
 # ---------------------------------------------------------------------------------------------
 # 4. The train step.
 # ---------------------------------------------------------------------------------------------
+def loss_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The `bam_loss` arguments a run's config fixes; `sinkhorn_reg` follows its schedule.
+    The train step, the benchmark and the pictures all call the loss with these."""
+    loss = config.loss
+    return dict(num_global_crops=config.data.global_crops_number,
+                num_target_crops=loss.num_target_crops, temperature=loss.temperature,
+                sinkhorn_iters=loss.sinkhorn_iters, top_k=loss.top_k,
+                positive_masking=loss.positive_masking)
+
+
 def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
                     optimizer: optax.GradientTransformation, schedules: Schedules,
                     mesh: jax.sharding.Mesh) -> Callable:
-    loss_cfg = config.loss
-    num_global = config.data.global_crops_number
+    fixed_loss_kwargs = loss_kwargs(config)
 
     def forward(params, model_state, batch):
         # copy=True: fresh variables in the current trace, which BatchNorm may then mutate.
@@ -305,11 +284,8 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
         def loss_fn(params, model_state):
             z, model_state = forward(params, model_state, batch)
             loss, metrics = loss_lib.sharded_bam_loss_and_metrics(
-                z, mesh=mesh, batch_axes=BATCH_AXES, z_teacher=z_teacher,
-                num_global_crops=num_global, num_target_crops=loss_cfg.num_target_crops,
-                sinkhorn_reg=eps, temperature=loss_cfg.temperature,
-                sinkhorn_iters=loss_cfg.sinkhorn_iters, top_k=loss_cfg.top_k,
-                positive_masking=loss_cfg.positive_masking)
+                z, mesh=mesh, batch_axes=sharding.BATCH_AXES, z_teacher=z_teacher,
+                sinkhorn_reg=eps, **fixed_loss_kwargs)
             return loss, (metrics, model_state)
 
         (loss, (metrics, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -341,8 +317,23 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
 # ---------------------------------------------------------------------------------------------
 # 5. Logging: clu writers (TensorBoard), a console line, and metrics.jsonl.
 # ---------------------------------------------------------------------------------------------
+def pretraining_line(metrics: dict[str, float]) -> str:
+    """The console line's middle part for a BAM step."""
+    line = (f"loss {metrics['loss']:.4f}  lr {metrics['learning_rate']:.2e}  "
+            f"eps {metrics['sinkhorn_reg']:.3f}")
+    if "teacher_momentum" in metrics:
+        line += f"  m {metrics['teacher_momentum']:.4f}"
+    return line + (f"  H(P) {metrics['target_entropy']:.2f}  H(A) {metrics['source_entropy']:.2f}"
+                   f"/{metrics['uniform_entropy']:.2f}  cos {metrics['mean_similarity']:.3f}"
+                   f"  bal {metrics['column_balance']:.2f}")
+
+
 class MetricsLogger:
-    def __init__(self, workdir: str, total_steps: int, global_batch: int):
+    """Every metric to TensorBoard (clu) and metrics.jsonl; train steps also to the console,
+    as `describe(metrics)` between the step and the measured img/s and ETA."""
+
+    def __init__(self, workdir: str, total_steps: int, global_batch: int,
+                 describe: Callable[[dict[str, float]], str] = pretraining_line):
         from clu import metric_writers  # noqa: PLC0415 (TensorFlow; see the module docstring)
 
         self._is_main = jax.process_index() == 0
@@ -353,6 +344,7 @@ class MetricsLogger:
         self._global_batch = global_batch
         self._last_time = time.perf_counter()
         self._last_step: int | None = None
+        self._describe = describe
 
     def train(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
         now = time.perf_counter()
@@ -363,13 +355,7 @@ class MetricsLogger:
         self._last_time, self._last_step = now, step
         self.write(step, metrics)
         if self._is_main:
-            line = (f"step {step}/{self._total_steps}  loss {metrics['loss']:.4f}  "
-                    f"lr {metrics['learning_rate']:.2e}  eps {metrics['sinkhorn_reg']:.3f}")
-            if "teacher_momentum" in metrics:
-                line += f"  m {metrics['teacher_momentum']:.4f}"
-            line += (f"  H(P) {metrics['target_entropy']:.2f}  H(A) {metrics['source_entropy']:.2f}"
-                     f"/{metrics['uniform_entropy']:.2f}  cos {metrics['mean_similarity']:.3f}"
-                     f"  bal {metrics['column_balance']:.2f}")
+            line = f"step {step}/{self._total_steps}  {self._describe(metrics)}"
             if "images_per_second" in metrics:
                 line += (f"  {metrics['images_per_second']:.1f} img/s"
                          f"  ETA {_format_seconds(metrics['eta_seconds'])}")
@@ -404,27 +390,18 @@ def _format_seconds(seconds: float) -> str:
 # ---------------------------------------------------------------------------------------------
 # 6. The loop.
 # ---------------------------------------------------------------------------------------------
-def steps_per_epoch(config: ml_collections.ConfigDict) -> int:
-    from bam_jax import input_pipeline  # noqa: PLC0415 (TensorFlow; see the module docstring)
-
-    examples = input_pipeline.num_examples(config.data, config.data.train_split)
-    if examples < config.batch_size:
-        raise ValueError(f"batch_size={config.batch_size} exceeds the {examples} training "
-                         f"examples; lower --config.batch_size")
-    return examples // config.batch_size
-
-
-def total_train_steps(config: ml_collections.ConfigDict) -> int:
+def total_train_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+    """`num_train_steps` when set, else `num_epochs` of `steps_per_epoch`."""
     if config.num_train_steps > 0:
         return config.num_train_steps
-    return int(math.ceil(config.num_epochs * steps_per_epoch(config)))
+    return int(math.ceil(config.num_epochs * steps_per_epoch))
 
 
 class RunInterrupted(RuntimeError):
     """A second Ctrl-C stopped the run at once (the first one asks for a save and a stop)."""
 
 
-class _StopSignals:
+class StopSignals:
     """SIGTERM (a TPU VM preemption notice) or Ctrl-C asks the loop to checkpoint and stop.
 
     The handler only records the request, so no exception ever lands inside a save. A second
@@ -508,16 +485,6 @@ def check_resume_config(saved: dict, config: ml_collections.ConfigDict, step: in
                          f"--config.allow_changed_fields={fields}")
 
 
-def _check_finite(config, step: int, host_metrics: dict, nonfinite_steps: int,
-                  last_saved: int | None) -> None:
-    if nonfinite_steps and not config.skip_nonfinite_steps:
-        raise NonFiniteLossError(
-            f"non-finite loss or gradient by step {step} (loss {host_metrics['loss']}); stopped "
-            f"without saving it, the last good checkpoint is step {last_saved}. Lower the "
-            f"learning rate, raise config.loss.sinkhorn_reg, or set "
-            f"--config.skip_nonfinite_steps=True to skip such steps")
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Pretrain with BAM as configured; resume from `workdir` when it holds a checkpoint.
 
@@ -527,7 +494,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # SIGTERM and Ctrl-C are caught from the start: one during restore or compilation also
     # stops cleanly. The run owns its workdir (a lease) before it opens the checkpoints, whose
     # writer would clean up another run's save in flight.
-    with _StopSignals() as signals, workdir_lock(workdir) as lock:
+    with StopSignals() as signals, workdir_lock(workdir) as lock:
         try:
             return _train_and_evaluate(config, workdir, signals, lock)
         except KeyboardInterrupt:  # a second Ctrl-C before the loop (restore, compilation)
@@ -560,88 +527,163 @@ def workdir_lock(workdir: str):
         lock.release()
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, signals: _StopSignals,
-                        lock: checkpoint_lib.WorkdirLock) -> dict[str, Any]:
-    from bam_jax import evaluate, input_pipeline  # noqa: PLC0415 (see the module docstring)
+class _Pretraining(NamedTuple):
+    """Everything a run has once set up, before its first step."""
+    mesh: jax.sharding.Mesh
+    epoch_steps: int
+    total_steps: int
+    graphdef: nnx.GraphDef
+    shardings: TrainState
+    optimizer: optax.GradientTransformation
+    schedules: Schedules
+    checkpointer: checkpoint_lib.Checkpointer
+    state: TrainState
+    last_saved: int | None  # the step restored from, or None for a new run
+    boxes: np.ndarray | None  # the ContrastiveCrop box table, when enabled
+
+
+def _setup(config: ml_collections.ConfigDict, workdir: str) -> _Pretraining:
+    """Mesh, schedules, then the state: the newest checkpoint of `workdir`, or a new one."""
+    from bam_jax.data import pipeline  # noqa: PLC0415 (TensorFlow; see the module docstring)
 
     checkpoint_lib.workdir_path(workdir).mkdir(parents=True, exist_ok=True)
-    mesh = make_mesh(config)
-    input_pipeline.check_global_batch(config.batch_size, mesh, BATCH_AXES)
-    epoch_steps = steps_per_epoch(config)
-    total_steps = total_train_steps(config)
-    schedules = make_schedules(config, epoch_steps, total_steps)
+    mesh = sharding.make_mesh(config)
+    sharding.check_global_batch(config.batch_size, mesh)
+    epoch_steps = pipeline.steps_per_epoch(config.data, config.batch_size)
+    total_steps = total_train_steps(config, epoch_steps)
     optimizer = make_optimizer(config)
-    create_model = model_factory(config)
-    use_teacher = config.teacher.enabled
-
     # Abstract state (no memory), then a jitted init that writes each leaf straight into its
     # sharding: no host ever holds the full unsharded model.
     graphdef, make_state, abstract_state, shardings = state_layout(
-        create_model, optimizer, use_teacher, mesh, config.mesh.fsdp_min_size)
-
+        run_model_factory(config), optimizer, config.teacher.enabled, mesh,
+        config.mesh.fsdp_min_size)
     checkpointer = checkpoint_lib.Checkpointer(
         workdir, max_to_keep=config.keep_checkpoints, async_save=config.async_checkpointing)
-    state, resumed = restore_or_init(make_state, abstract_state, shardings, checkpointer)
+    state, resumed = checkpoint_lib.restore_or_init(make_state, abstract_state, shardings,
+                                                    checkpointer)
     start_step = int(jax.device_get(state.step))
-    last_saved = start_step if resumed else None
     if resumed:
         check_resume_config(checkpointer.restore_config(start_step), config, start_step)
         if start_step > total_steps:
             raise ValueError(f"the checkpoint is at step {start_step}, past the {total_steps} "
                              f"steps this config trains in all; raise num_epochs or "
                              f"num_train_steps, or use a new --workdir")
-    save_config(config, workdir)
-
-    # ContrastiveCrop: the box table is part of each checkpoint; the train stream is rebuilt
-    # whenever it changes, so the stream stays a function of (seed, step, boxes).
-    boxes, box_updater, box_update_steps, ccrop_from_epoch = None, None, set(), 0
+    checkpoint_lib.save_config(config, workdir)
+    # ContrastiveCrop: the box table is part of each checkpoint.
+    boxes = None
     if config.ccrop.enabled:
-        num_train = input_pipeline.num_examples(config.data, config.data.train_split)
-        box_updater = evaluate.BoxUpdater(config, graphdef, mesh, num_train, BATCH_AXES)
-        epochs = math.ceil(total_steps / epoch_steps)
-        warmup = config.optimizer.warmup_epochs
-        box_update_steps = {(e + 1) * epoch_steps for e in contrastive_crop.box_update_epochs(
-            num_epochs=epochs, warmup_epochs=warmup, loc_interval=config.ccrop.loc_interval)}
-        ccrop_from_epoch = contrastive_crop.first_box_epoch(
-            warmup_epochs=warmup, loc_interval=config.ccrop.loc_interval)
+        num_train = pipeline.num_examples(config.data, config.data.train_split)
         boxes = checkpointer.restore_boxes(start_step, num_train) if resumed else None
         if boxes is None:
             boxes = contrastive_crop.initial_boxes(num_train)
+    return _Pretraining(mesh, epoch_steps, total_steps, graphdef, shardings, optimizer,
+                        make_schedules(config, epoch_steps, total_steps), checkpointer, state,
+                        start_step if resumed else None, boxes)
 
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, signals: StopSignals,
+                        lock: checkpoint_lib.WorkdirLock) -> dict[str, Any]:
+    from bam_jax.data import pipeline  # noqa: PLC0415 (see the module docstring)
+    from bam_jax.evals import features, knn  # noqa: PLC0415
+
+    run = _setup(config, workdir)
+    mesh, epoch_steps, state = run.mesh, run.epoch_steps, run.state
+    boxes = run.boxes
+    box_updater, box_update_steps, ccrop_from_epoch = None, set(), 0
+    if config.ccrop.enabled:
+        box_updater = features.BoxUpdater(config, run.graphdef, mesh, len(boxes))
+        warmup = config.optimizer.warmup_epochs
+        box_update_steps = {(e + 1) * epoch_steps for e in contrastive_crop.box_update_epochs(
+            num_epochs=math.ceil(run.total_steps / epoch_steps), warmup_epochs=warmup,
+            loc_interval=config.ccrop.loc_interval)}
+        ccrop_from_epoch = contrastive_crop.first_box_epoch(
+            warmup_epochs=warmup, loc_interval=config.ccrop.loc_interval)
+
+    # The train stream is a function of (seed, step, boxes): rebuilt whenever the boxes change.
     def train_batches(start: int):
-        dataset = input_pipeline.create_pretrain_dataset(
+        dataset = pipeline.create_pretrain_dataset(
             config.data, global_batch_size=config.batch_size, seed=config.seed, start_step=start,
             boxes=boxes, ccrop_alpha=config.ccrop.alpha, ccrop_from_epoch=ccrop_from_epoch)
-        return input_pipeline.device_iterator(dataset, mesh, BATCH_AXES)
+        return sharding.device_iterator(dataset, mesh)
 
-    batches = train_batches(start_step)
-
-    batch_sharding = jax.NamedSharding(mesh, jax.P(BATCH_AXES))
-    train_step = make_train_step(config, graphdef, optimizer, schedules, mesh)
+    batches = train_batches(int(jax.device_get(state.step)))
     first_batch = next(batches)
+    batch_sharding = sharding.batch_sharding(mesh)
+    train_step = make_train_step(config, run.graphdef, run.optimizer, run.schedules, mesh)
     with jax.set_mesh(mesh):
         compiled_step = jax.jit(
             train_step, donate_argnums=(0,),
-            in_shardings=(shardings, jax.tree.map(lambda _: batch_sharding, first_batch)),
-            out_shardings=(shardings, None)).lower(state, first_batch).compile()
+            in_shardings=(run.shardings, jax.tree.map(lambda _: batch_sharding, first_batch)),
+            out_shardings=(run.shardings, None)).lower(state, first_batch).compile()
     _print_memory_analysis(compiled_step)
 
-    logger = MetricsLogger(workdir, total_steps, config.batch_size)
-    evaluator = evaluate.KnnEvaluator(config, graphdef, mesh) if config.knn.enabled else None
+    logger = MetricsLogger(workdir, run.total_steps, config.batch_size)
+    evaluator = knn.KnnEvaluator(config, run.graphdef, mesh) if config.knn.enabled else None
     knn_every = max(int(round(config.knn.every_epochs * epoch_steps)), 1) \
         if config.knn.every_epochs > 0 else 0
     final: dict[str, Any] = {}
-    step = start_step
-    if evaluator is not None and config.knn.eval_at_start and step == 0:
+    if evaluator is not None and config.knn.eval_at_start and int(state.step) == 0:
         # The same backbone at random init: the baseline that pretraining must beat.
         results = {f"init_{k}": v for k, v in evaluator.evaluate(state).items()}
         logger.write(0, results)
         final.update(results)
         print("kNN at init: " + "  ".join(f"{k} {v:.2f}" for k, v in results.items()), flush=True)
-    # finally: an asynchronous save in flight completes even when the loop raises (a
-    # non-finite loss, a second Ctrl-C), so the last good checkpoint is never left half-written.
+
+    def next_batch():
+        nonlocal first_batch
+        batch, first_batch = (first_batch, None) if first_batch is not None else (
+            next(batches), None)
+        return batch
+
+    def after_step(step: int, state: TrainState, is_last: bool) -> dict[str, Any]:
+        nonlocal boxes, batches
+        results = {}
+        if evaluator is not None and ((knn_every and step % knn_every == 0) or is_last):
+            results = evaluator.evaluate(state)
+            logger.write(step, results)
+            print("kNN: " + "  ".join(f"{k} {v:.2f}" for k, v in results.items()), flush=True)
+        if step in box_update_steps and not is_last:
+            boxes = _update_boxes(box_updater, state, step, logger)
+            batches = train_batches(step)
+        return results
+
+    def check_finite(step: int, loss: float, state: TrainState, last_saved: int | None):
+        nonfinite = int(jax.device_get(state.nonfinite_steps))
+        if nonfinite and not config.skip_nonfinite_steps:
+            raise NonFiniteLossError(
+                f"non-finite loss or gradient by step {step} (loss {loss}); stopped without "
+                f"saving it, the last good checkpoint is step {last_saved}. Lower the learning "
+                f"rate, raise config.loss.sinkhorn_reg, or set "
+                f"--config.skip_nonfinite_steps=True to skip such steps")
+
+    state, step, loop_final = run_loop(
+        config, state, compiled_step, next_batch, mesh=mesh, total_steps=run.total_steps,
+        epoch_steps=epoch_steps, checkpointer=run.checkpointer, logger=logger, signals=signals,
+        lock=lock, last_saved=run.last_saved, after_step=after_step, check=check_finite,
+        saved_with=lambda: {"boxes": boxes})
+    logger.close()
+    return {**final, **loop_final, "step": step}
+
+
+def run_loop(config: ml_collections.ConfigDict, state: Any, step_fn: Callable,
+             next_batch: Callable[[], Any], *, mesh: jax.sharding.Mesh, total_steps: int,
+             epoch_steps: int, checkpointer: checkpoint_lib.Checkpointer, logger: MetricsLogger,
+             signals: StopSignals, lock: checkpoint_lib.WorkdirLock, last_saved: int | None,
+             after_step: Callable[[int, Any, bool], dict] | None = None,
+             check: Callable[[int, float, Any, int | None], None] | None = None,
+             saved_with: Callable[[], dict] = dict) -> tuple[Any, int, dict[str, Any]]:
+    """Steps from `state.step` to `total_steps`: log every `log_every_steps`, `after_step`
+    (evaluations) after each, save every `checkpoint_every_steps` and at the end, and on
+    SIGTERM / Ctrl-C save and stop, at the same step on every process. `check` may raise
+    before a logged or saved step. Returns (state, step, the last logged metrics and results).
+
+    The checkpointer is closed on the way out, whatever happened: a save in flight completes
+    even when the loop raises (a non-finite loss, a second Ctrl-C), so the last good checkpoint
+    is never left half-written.
+    """
+    final: dict[str, Any] = {}
+    start_step = step = int(jax.device_get(state.step))
     try:
-        batch = first_batch
         while step < total_steps:
             if signals.requested and step == start_step and jax.process_count() == 1:
                 print(f"{signals.requested} before the first step: nothing new to save (the "
@@ -649,7 +691,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, signals
                       f"resume", flush=True)
                 break
             with jax.set_mesh(mesh):
-                state, metrics = compiled_step(state, batch)
+                state, metrics = step_fn(state, next_batch())
             step += 1
             is_last = step == total_steps
             stop = _agreed_stop(signals.requested is not None, step,
@@ -657,39 +699,29 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, signals
             if step % config.log_every_steps == 0 or is_last or stop:
                 host = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 host["epoch"] = step / epoch_steps
-                _check_finite(config, step, host, int(jax.device_get(state.nonfinite_steps)),
-                              last_saved)
+                if check is not None:
+                    check(step, host["loss"], state, last_saved)
                 final.update(logger.train(step, host))
-            if evaluator is not None and ((knn_every and step % knn_every == 0) or is_last):
-                results = evaluator.evaluate(state)
-                logger.write(step, results)
-                final.update(results)
-                print("kNN: " + "  ".join(f"{k} {v:.2f}" for k, v in results.items()), flush=True)
-            if step in box_update_steps and not is_last:
-                boxes = _update_boxes(box_updater, state, step, logger)
-                batches = train_batches(step)
+            if after_step is not None:
+                final.update(after_step(step, state, is_last))
             if step % config.checkpoint_every_steps == 0 or is_last or stop:
-                _check_finite(config, step, {"loss": float(jax.device_get(metrics["loss"]))},
-                              int(jax.device_get(state.nonfinite_steps)), last_saved)
+                if check is not None:
+                    check(step, float(jax.device_get(metrics["loss"])), state, last_saved)
                 lock.ensure_held()  # never write over a run that took the workdir over
-                checkpointer.save(step, state, config, boxes=boxes)
+                checkpointer.save(step, state, config, **saved_with())
                 last_saved = step
             if stop:
                 why = signals.requested or "a stop request on another process"
                 print(f"{why}: saved step {step} and stopped; rerun the same command to resume",
                       flush=True)
                 break
-            if not is_last:
-                batch = next(batches)
     except KeyboardInterrupt:
         raise RunInterrupted(f"stopped by a second Ctrl-C after step {step}; the last "
                              f"checkpoint is step {last_saved}; rerun the same command to "
                              f"resume") from None
     finally:
         checkpointer.close()
-    logger.close()
-    final["step"] = step
-    return final
+    return state, step, final
 
 
 def _update_boxes(box_updater, state, step: int, logger: MetricsLogger) -> np.ndarray:
@@ -704,85 +736,22 @@ def _update_boxes(box_updater, state, step: int, logger: MetricsLogger) -> np.nd
     return boxes
 
 
-def restore_or_init(make_state: Callable[[], Any], abstract_state, shardings,
-                    checkpointer: checkpoint_lib.Checkpointer) -> tuple[Any, bool]:
-    """(state, resumed): the newest readable checkpoint, or a jitted init straight into
-    `shardings`. Shared by pretraining and the linear probe, so both resume the same way."""
-    restored = checkpointer.restore_latest(
-        checkpoint_lib.abstract_with_shardings(abstract_state, shardings))
-    if restored is None and checkpointer.all_steps():
-        # Never start afresh over checkpoints it cannot read: its saves would be refused or
-        # would replace them.
-        raise ValueError(f"none of the checkpoints {checkpointer.all_steps()} in "
-                         f"{checkpointer.directory} could be read (see the warnings above); "
-                         f"move them away or use a new --workdir")
-    if restored is None:
-        _LOG.info("initialising a new state in %s", checkpointer.directory)
-        return jax.jit(make_state, out_shardings=shardings)(), False
-    step, state = restored
-    print(f"resumed from the checkpoint of step {step} in {checkpointer.directory}", flush=True)
-    return state, True
-
-
-def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """config.json in the workdir (process 0), read back by the evaluation entry points."""
-    if jax.process_index() == 0:
-        (checkpoint_lib.workdir_path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
-
-
-def read_run_config(workdir: str) -> ml_collections.ConfigDict:
-    """The pretraining config that `save_config` wrote to DIR/config.json (gs:// too)."""
-    path = checkpoint_lib.workdir_path(workdir) / "config.json"
-    if not path.exists():
-        raise ValueError(f"{path} does not exist: {workdir!r} is not a bam_jax pretraining "
-                         f"workdir; pass the --workdir given to `python -m bam_jax.main`")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
-
-
 def restore_run(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh, *,
                 fsdp_min_size: int, random_init: bool = False, random_init_flag: str = ""):
     """(graphdef, TrainState, step) of the newest readable checkpoint of a pretraining workdir,
-    for the evaluation entry points (kNN, linear probe, pictures).
-
-    The state is restored straight onto `mesh` with the trainer's own shardings. `random_init`
-    builds the same model at its initialisation instead (step 0) and needs no checkpoint;
-    `random_init_flag` names the caller's option for that, for the no-checkpoint error.
-    """
+    restored straight onto `mesh` with the trainer's own shardings: for the evaluations (kNN,
+    linear probe, pictures). `random_init` builds the same model at its initialisation instead
+    (step 0) and needs no checkpoint; `random_init_flag` names the caller's option for that."""
     graphdef, make_state, abstract_state, shardings = state_layout(
-        model_factory(config), make_optimizer(config), config.teacher.enabled, mesh,
+        run_model_factory(config), make_optimizer(config), config.teacher.enabled, mesh,
         fsdp_min_size)
     if random_init:
         return graphdef, jax.jit(make_state, out_shardings=shardings)(), 0
-    directory = checkpoint_lib.workdir_path(workdir) / "checkpoints"
-    # Checked first, for a message that says what to do.
-    if not directory.is_dir() or not any(p.name.isdigit() for p in directory.iterdir()):
-        alternative = f" or pass {random_init_flag} for the backbone at init" \
-            if random_init_flag else ""
-        raise ValueError(f"no checkpoint in {directory}: pretrain first (python -m bam_jax.main "
-                         f"--workdir={workdir} ...){alternative}")
-    checkpointer = checkpoint_lib.Checkpointer(workdir, read_only=True)
-    try:
-        restored = checkpointer.restore_latest(
-            checkpoint_lib.abstract_with_shardings(abstract_state, shardings))
-    finally:
-        checkpointer.close()
-    if restored is None:
-        raise ValueError(f"no checkpoint in {directory} could be read (see the warnings above); "
-                         f"rerun the pretraining to write a new one")
-    step, state = restored
+    alternative = f" or pass {random_init_flag} for the backbone at init" \
+        if random_init_flag else ""
+    step, state, _ = checkpoint_lib.read_newest(
+        workdir, checkpoint_lib.abstract_with_shardings(abstract_state, shardings), alternative)
     return graphdef, state, step
-
-
-def read_run_boxes(config: ml_collections.ConfigDict, workdir: str, step: int):
-    """The ContrastiveCrop box table saved with `step` of a pretraining workdir, or None."""
-    from bam_jax import input_pipeline  # noqa: PLC0415 (TensorFlow; see the module docstring)
-
-    checkpointer = checkpoint_lib.Checkpointer(workdir, read_only=True)
-    try:
-        return checkpointer.restore_boxes(
-            step, input_pipeline.num_examples(config.data, config.data.train_split))
-    finally:
-        checkpointer.close()
 
 
 def _print_memory_analysis(compiled) -> None:

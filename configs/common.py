@@ -12,11 +12,12 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
     data = ml_collections.ConfigDict(dict(
         source="tfds",  # "mnist_bundled" | "tfds" | "folder"
         tfds_name="imagenet2012",
-        data_dir=ml_collections.FieldReference(None, field_type=str),  # tfds data_dir, gs:// ok
+        # tfds data_dir, gs:// ok; None: the tfds default
+        data_dir=ml_collections.FieldReference(None, field_type=str),
         folder="",  # root of <folder>/<split>/<class>/<image> for "folder"
         train_split="train",
         eval_train_split="train",  # the kNN bank / linear-probe training split
-        eval_split="validation",
+        eval_split="validation",  # "test" for mnist_bundled, "val" for an ImageNet folder
         global_crops_number=2,
         global_crop_size=224,
         global_crops_scale=(0.25, 1.0),
@@ -32,15 +33,16 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
         grayscale_prob=0.2,
         blur_probs=(1.0, 0.1, 0.5),  # first global crop, other global crops, local crops
         blur_sigma=(0.1, 2.0),
-        solarize_prob=0.2,  # second global crop
+        solarize_prob=0.2,  # second (and later) global crops only
         resize_antialias=True,  # PIL-faithful bicubic; False: ~2x cheaper resizes, some aliasing
         eval_resize=256,
         eval_crop_size=224,
-        mean=ml_collections.FieldReference(None, field_type=tuple),  # None: ImageNet's
+        # None: ImageNet's (its channel average for one-channel data)
+        mean=ml_collections.FieldReference(None, field_type=tuple),
         std=ml_collections.FieldReference(None, field_type=tuple),
-        shuffle_buffer=16_384,
+        shuffle_buffer=16_384,  # tfds only; in-memory sources shuffle each epoch exactly
         num_parallel_calls=-1,  # tf.data AUTOTUNE
-        threadpool_size=0,
+        threadpool_size=0,  # private tf.data threadpool size; 0: TensorFlow's default
     ))
     data.update(overrides)
     return data
@@ -51,7 +53,8 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
     model = ml_collections.ConfigDict(dict(
         backbone="vit",  # "vit" | "convnet" | "pixels" (the raw-pixel baseline, no parameters)
         vit_variant="small",  # "tiny" | "small" | "base" | "large" | "custom"
-        width=384,  # used when vit_variant="custom"
+        # width, depth, num_heads: used when vit_variant="custom" (a preset fixes all three)
+        width=384,
         depth=12,
         num_heads=12,
         patch_size=16,
@@ -63,10 +66,12 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
         dtype="bfloat16",  # compute dtype; parameters stay float32
         param_dtype="float32",
         projector=ml_collections.ConfigDict(dict(
-            n_layers=3, hidden_dim=4096, out_dim=4096, act="gelu", use_bn=False, last_bn=False,
+            n_layers=3, hidden_dim=4096, out_dim=4096, act="gelu",  # "gelu" | "relu"
+            use_bn=False, last_bn=False,
             bias=True)),
         convnet=ml_collections.ConfigDict(dict(
-            channels=(32, 64, 128, 256), strides=(1, 2, 2, 1), norm="batch")),
+            channels=(32, 64, 128, 256), strides=(1, 2, 2, 1),
+            norm="batch")),  # "batch" | "group"
     ))
     model.update(overrides)
     return model
@@ -107,11 +112,7 @@ def base_config() -> ml_collections.ConfigDict:
         b2=0.999,
         momentum=0.9,  # sgd / lars
     ))
-    config.mesh = ml_collections.ConfigDict(dict(
-        num_devices=0,  # 0: all devices; n > 0: the first n (single process)
-        fsdp=1,  # devices sharing each parameter; 1 = replicated (pure data parallel)
-        fsdp_min_size=2**18,  # leaves smaller than this stay replicated
-    ))
+    config.mesh = mesh_config()
     config.knn = ml_collections.ConfigDict(dict(
         enabled=True, eval_at_start=False, every_epochs=16, k=20, temperature=0.07,
         train_fraction=0.1,  # official --knn_train_fraction: a class-balanced 10 % bank
@@ -127,12 +128,27 @@ def base_config() -> ml_collections.ConfigDict:
     # Fields a resume may change besides those that never alter the run (logging, mesh, kNN):
     # comma-separated names or prefixes, e.g. "num_epochs" to extend a finished run.
     config.allow_changed_fields = ""
+    config.skip_nonfinite_steps = False  # False: stop on a non-finite loss; True: skip the step
+    set_loop_fields(config, log_every_steps=50, checkpoint_every_steps=1000, keep_checkpoints=3)
+    return config
+
+
+def mesh_config() -> ml_collections.ConfigDict:
+    """`config.mesh`: how the devices are used (pretraining and the linear probe)."""
+    return ml_collections.ConfigDict(dict(
+        num_devices=0,  # 0: all devices; n > 0: the first n (single process)
+        fsdp=1,  # devices sharing each parameter; 1 = replicated (pure data parallel)
+        fsdp_min_size=2**18,  # leaves smaller than this stay replicated
+    ))
+
+
+def set_loop_fields(config: ml_collections.ConfigDict, *, log_every_steps: int,
+                    checkpoint_every_steps: int, keep_checkpoints: int) -> None:
+    """The fields of the train loop that pretraining and the linear probe share."""
+    config.log_every_steps = log_every_steps
+    config.checkpoint_every_steps = checkpoint_every_steps
+    config.keep_checkpoints = keep_checkpoints
+    config.async_checkpointing = True
     # With several processes, how often they agree on stopping for a SIGTERM / Ctrl-C seen by
     # any of them (an all-gather of one flag).
     config.stop_check_every_steps = 10
-    config.skip_nonfinite_steps = False  # False: stop on a non-finite loss; True: skip the step
-    config.log_every_steps = 50
-    config.checkpoint_every_steps = 1000
-    config.keep_checkpoints = 3
-    config.async_checkpointing = True
-    return config

@@ -1,6 +1,6 @@
 """Linear probe of a BAM backbone on ImageNet: the official scripts/linear/linear.slurm (ViT-B).
 
-python -m bam_jax.linear_probe --config=configs/linear.py --workdir=gs://BUCKET/bam_vit_b_linear \
+python -m bam_jax.evals.linear_probe --config=configs/linear.py --workdir=gs://BUCKET/bam_vit_b_linear \
     --config.pretrained_workdir=gs://BUCKET/bam_vit_b --config.data.data_dir=gs://BUCKET/tfds
 
 The frozen backbone comes from the newest checkpoint of `pretrained_workdir`, rebuilt from that
@@ -41,10 +41,8 @@ def get_config():
     config.data = common.data_config(
         eval_train_split="train", eval_split="validation", global_crop_size=224,
         global_crops_scale=(0.08, 1.0), flip_prob=0.5, eval_resize=256, eval_crop_size=224)
-    config.mesh = ml_collections.ConfigDict(dict(num_devices=0, fsdp=1, fsdp_min_size=2**18))
+    config.mesh = common.mesh_config()
     config.eval_every_epochs = 1  # official --val_freq 1
-    config.log_every_steps = 100
-    config.checkpoint_every_steps = 1000
-    config.keep_checkpoints = 2
-    config.async_checkpointing = True
+    common.set_loop_fields(config, log_every_steps=100, checkpoint_every_steps=1000,
+                           keep_checkpoints=2)
     return config

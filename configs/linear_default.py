@@ -1,8 +1,8 @@
 """Linear probe of the embedded default (configs/default.py, bundled MNIST): a minute on a CPU.
 
-python -m bam_jax.linear_probe --config=configs/linear_default.py \
+python -m bam_jax.evals.linear_probe --config=configs/linear_default.py \
     --config.pretrained_workdir=workdirs/default --workdir=workdirs/default_linear
-python -m bam_jax.linear_probe --config=configs/linear_default.py --config.random_init=True \
+python -m bam_jax.evals.linear_probe --config=configs/linear_default.py --config.random_init=True \
     --workdir=workdirs/random_linear
 """
 

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 from scipy import stats
 
-from bam_jax import augment
+from bam_jax.data import augment
 
 SEED = tf.constant([3, 7], tf.int64)
 

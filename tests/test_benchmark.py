@@ -1,4 +1,4 @@
-"""`python -m bam_jax.benchmark` reports a sane step on CPU, without TensorFlow importable
+"""`python -m bam_jax.tools.benchmark` reports a sane step on CPU, without TensorFlow importable
 (accelerator images have JAX but no TensorFlow)."""
 
 import json
@@ -18,8 +18,8 @@ class Unimportable:
             raise ModuleNotFoundError(f"no module named {name!r} (blocked by the test)")
 
 sys.meta_path.insert(0, Unimportable())
-sys.argv = ["bam_jax.benchmark"] + sys.argv[1:]
-runpy.run_module("bam_jax.benchmark", run_name="__main__")
+sys.argv = ["bam_jax.tools.benchmark"] + sys.argv[1:]
+runpy.run_module("bam_jax.tools.benchmark", run_name="__main__")
 """
 
 

@@ -1,11 +1,11 @@
-"""`bam_jax.benchmark_input`: the tf.data rate on generated JPEGs, and the torchvision side run in
+"""`bam_jax.tools.benchmark_input`: the tf.data rate on generated JPEGs, and the torchvision side run in
 a child process that never imports TensorFlow."""
 
 import os
 import subprocess
 import sys
 
-from bam_jax import benchmark_input
+from bam_jax.tools import benchmark_input
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,7 +20,7 @@ def test_tf_rate_on_generated_jpegs(tmp_path):
 
 def test_module_imports_no_tensorflow():
     # torchvision crashes when imported after TensorFlow, so its child process must stay clean.
-    code = "import sys, bam_jax.benchmark_input; print('tensorflow' in sys.modules)"
+    code = "import sys, bam_jax.tools.benchmark_input; print('tensorflow' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "False"

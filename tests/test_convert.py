@@ -15,7 +15,7 @@ safetensors_numpy = pytest.importorskip("safetensors.numpy")
 nn = torch.nn
 F = torch.nn.functional
 
-from bam_jax import convert  # noqa: E402
+from bam_jax.tools import convert  # noqa: E402
 
 IMG, PATCH, DIM, DEPTH, HEADS = 32, 8, 64, 2, 4
 
@@ -155,7 +155,7 @@ def test_official_bam_layout_and_unused_keys_are_reported(nets, tmp_path, caplog
                           **_prefixed(student, "student.module.backbone."),
                           "teacher.module.proj_head.0.weight": torch.randn(8, DIM)},
                 "args": argparse.Namespace(arch="vit_small"), "epoch": 1}, path)
-    with caplog.at_level(logging.WARNING, logger="bam_jax.convert"):
+    with caplog.at_level(logging.WARNING, logger="bam_jax.tools.convert"):
         model = convert.load_torch_vit(str(path), checkpoint_key="teacher", num_heads=HEADS)
     assert "proj_head.0.weight" in caplog.text and "student.* (" in caplog.text
     ours, theirs = _features(model, teacher, IMG)
@@ -234,7 +234,7 @@ def _tiny_vit_config_and_state():
                         patch_size=4)
     config.model.projector.update(hidden_dim=32, out_dim=16)
     config.teacher.enabled = True
-    return config, train.init_state(train.model_factory(config), train.make_optimizer(config),
+    return config, train.init_state(train.run_model_factory(config), train.make_optimizer(config),
                                     True)
 
 
@@ -254,7 +254,7 @@ def test_export_from_workdir(tmp_path):
     out = tmp_path / "teacher.safetensors"
     assert convert.main(["--workdir", str(tmp_path), "--export_safetensors", str(out)]) == 0
     exported = safetensors_numpy.load_file(str(out))
-    teacher = nnx.merge(nnx.graphdef(train.model_factory(config)()), state.teacher_params,
+    teacher = nnx.merge(nnx.graphdef(train.run_model_factory(config)()), state.teacher_params,
                         state.teacher_model_state).backbone
     for key, value in convert.vit_to_timm(teacher).items():
         np.testing.assert_array_equal(exported[key], value, err_msg=key)
@@ -325,7 +325,7 @@ def test_export_falls_back_past_a_damaged_newest_step(tmp_path, capsys, damage):
     assert f"from {workdir} step 2 (teacher)" in capsys.readouterr().out
     assert _files(workdir) == before
     exported = safetensors_numpy.load_file(str(out))
-    teacher = nnx.merge(nnx.graphdef(train.model_factory(config)()), step_2.teacher_params,
+    teacher = nnx.merge(nnx.graphdef(train.run_model_factory(config)()), step_2.teacher_params,
                         step_2.teacher_model_state).backbone
     for key, value in convert.vit_to_timm(teacher).items():
         np.testing.assert_array_equal(exported[key], value, err_msg=key)
@@ -343,7 +343,7 @@ def test_export_with_every_step_unreadable_is_one_line(tmp_path, capsys):
 
 def _assert_one_error_line(err, expected):
     errors = [line for line in err.splitlines() if "error" in line.lower()]
-    assert len(errors) == 1 and errors[0].startswith("bam_jax.convert: error: "), err
+    assert len(errors) == 1 and errors[0].startswith("bam_jax.tools.convert: error: "), err
     assert expected in errors[0], errors[0]
 
 

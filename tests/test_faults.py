@@ -22,7 +22,9 @@ import tensorflow as tf
 from absl import flags
 
 from bam_jax import checkpoint as checkpoint_lib
-from bam_jax import input_pipeline, linear_probe, train
+from bam_jax import sharding, train
+from bam_jax.data import pipeline
+from bam_jax.evals import linear_probe
 from bam_jax import main as bam_main
 from test_train import assert_trees_close, read_metrics, read_state, resume_from, tiny_config
 
@@ -192,7 +194,7 @@ def test_sigterm_during_compilation_exits_cleanly(tmp_path, config_file, chain):
 def test_a_second_sigint_interrupts_at_once():
     # Two signals that arrive before Python runs the handler coalesce into one, so the second
     # Ctrl-C is tested here, in this process, and its effect on a run below.
-    with train._StopSignals() as signals:
+    with train.StopSignals() as signals:
         os.kill(os.getpid(), signal.SIGINT)
         assert signals.requested == "SIGINT"
         with pytest.raises(KeyboardInterrupt):
@@ -293,11 +295,11 @@ def test_damaged_newest_step_is_never_taken(tmp_path, chain, damage):
 
 
 def _abstract_state(config):
-    mesh = train.make_mesh(config)
+    mesh = sharding.make_mesh(config)
     optimizer = train.make_optimizer(config)
-    create = train.model_factory(config)
+    create = train.run_model_factory(config)
     abstract = jax.eval_shape(lambda: train.init_state(create, optimizer, config.teacher.enabled))
-    shardings = train.state_shardings(abstract, mesh, config.mesh.fsdp_min_size)
+    shardings = sharding.state_shardings(abstract, mesh, config.mesh.fsdp_min_size)
     return checkpoint_lib.abstract_with_shardings(abstract, shardings)
 
 
@@ -359,10 +361,10 @@ def test_nan_steps_are_skipped_when_asked(tmp_path, capsys, config_file, chain):
 
 def test_data_stream_continues_where_it_stopped():
     config = tiny_config(backbone="convnet", teacher=False).data
-    continuous = input_pipeline.create_pretrain_dataset(config, global_batch_size=32, seed=0)
+    continuous = pipeline.create_pretrain_dataset(config, global_batch_size=32, seed=0)
     expected = [b for _, b in zip(range(5), continuous.as_numpy_iterator())]
     for start in (2, 4):
-        resumed = input_pipeline.create_pretrain_dataset(config, global_batch_size=32, seed=0,
+        resumed = pipeline.create_pretrain_dataset(config, global_batch_size=32, seed=0,
                                                          start_step=start)
         got = [b for _, b in zip(range(5 - start), resumed.as_numpy_iterator())]
         for a, b in zip(got, expected[start:]):
@@ -440,13 +442,13 @@ def test_bad_files_in_a_folder_are_skipped_and_counted(tmp_path, caplog):
     config = tiny_config(backbone="convnet", teacher=False).data
     config.update(source="folder", folder=str(tmp_path), global_crop_size=16,
                   local_crops_number=0)
-    input_pipeline.scan_image_folder.cache_clear()
+    pipeline.scan_image_folder.cache_clear()
     with caplog.at_level("WARNING"):
-        assert input_pipeline.num_examples(config, "train") == 8
+        assert pipeline.num_examples(config, "train") == 8
     assert "folder source: skipped 2 non-image files of 12 under" in caplog.text
     assert "left out 2 of 10 image files" in caplog.text
     assert "digits/corrupt.png, digits/truncated.png" in caplog.text
-    dataset = input_pipeline.create_pretrain_dataset(config, global_batch_size=8, seed=0)
+    dataset = pipeline.create_pretrain_dataset(config, global_batch_size=8, seed=0)
     labels = [b["label"] for _, b in zip(range(4), dataset.as_numpy_iterator())]
     # Each epoch yields the 8 good images: the two undecodable ones are dropped, not a crash.
     assert all(len(x) == 8 for x in labels)
@@ -508,7 +510,7 @@ def test_linear_probe_without_a_checkpoint(tmp_path, capsys):
     err = capsys.readouterr().err
     lines = [l for l in err.splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith(
-        f"bam_jax.linear_probe: error: no checkpoint in {pretrain / 'checkpoints'}: pretrain "
+        f"bam_jax.evals.linear_probe: error: no checkpoint in {pretrain / 'checkpoints'}: pretrain "
         f"first"), err
 
 

@@ -4,19 +4,23 @@ import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from bam_jax import input_pipeline as ip
+from bam_jax.data import pipeline as ip
+from configs import common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _mnist():
+    return common.data_config(source="mnist_bundled", eval_split="test")
+
+
 def _tiny(config=None, local=2):
-    c = config or ip.default_data_config()
+    c = config or _mnist()
     c.global_crop_size = 16
     c.local_crop_size = 8
     c.local_crops_number = local
@@ -56,19 +60,13 @@ def _folder_config(root):
     return c
 
 
-def test_default_config_fields():
-    c = ip.default_data_config()
-    assert c.source == "mnist_bundled" and c.global_crops_number == 2 and c.local_crops_number == 6
-    assert tuple(c.blur_probs) == (1.0, 0.1, 0.5) and c.solarize_prob == 0.2
-
-
 def test_bundled_mnist_loads_offline():
     data = ip.load_mnist_bundled()
     images, labels = data["train"]
     assert images.shape == (4000, 28, 28, 1) and images.dtype == np.uint8
     assert data["test"][0].shape == (1000, 28, 28, 1)
     assert set(np.unique(labels)) == set(range(10)) and set(np.unique(data["test"][1])) == set(range(10))
-    c = ip.default_data_config()
+    c = _mnist()
     assert ip.num_examples(c, "train") == 4000 and ip.num_examples(c, "test") == 1000
     assert ip.num_channels(c) == 1
 
@@ -140,8 +138,9 @@ def _run_python(code: str, *args: str, timeout: float = 240, **env):
 
 _FIRST_BATCH = """
 import sys
-from bam_jax import input_pipeline as ip
-c = ip.default_data_config()
+from bam_jax.data import pipeline as ip
+from configs import common
+c = common.data_config(source="mnist_bundled", eval_split="test")
 c.update(source="folder", folder=sys.argv[1], global_crop_size=16, local_crops_number=0)
 try:
     next(ip.create_pretrain_dataset(c, global_batch_size=4, seed=0).as_numpy_iterator())
@@ -188,8 +187,9 @@ def test_one_undecodable_image_keeps_exact_resume(image_folder):
 _EPOCHS_THEN_MORE = """
 import logging, sys
 logging.basicConfig(level=logging.WARNING)
-from bam_jax import input_pipeline as ip
-c = ip.default_data_config()
+from bam_jax.data import pipeline as ip
+from configs import common
+c = common.data_config(source="mnist_bundled", eval_split="test")
 c.update(source="folder", folder=sys.argv[1], global_crop_size=16, local_crops_number=0,
          eval_resize=16, eval_crop_size=16)
 batches = ip.create_pretrain_dataset(c, global_batch_size=4, seed=0).as_numpy_iterator()
@@ -253,28 +253,6 @@ def test_eval_sharding_covers_split_once():
     assert not single[-1]["mask"].all()  # 1000 = 41 * 24 + 16: the last batch is padded
 
 
-def test_device_iterator_shards_over_mesh():
-    mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(8), ("data",))
-    c = _tiny()
-    ds = ip.create_pretrain_dataset(c, global_batch_size=16, seed=0)
-    batches = ip.device_iterator(ds, mesh)
-    for _ in range(3):
-        batch = next(batches)
-        assert isinstance(batch["global_crops"], jax.Array)
-        assert batch["global_crops"].shape == (16, 2, 16, 16, 1)
-        assert batch["local_crops"].shape == (16, 2, 8, 8, 1)
-        assert batch["label"].sharding.spec == jax.sharding.PartitionSpec(("data",))
-        assert len(batch["global_crops"].addressable_shards) == 8
-        assert batch["global_crops"].addressable_shards[0].data.shape == (2, 2, 16, 16, 1)
-
-
-def test_device_iterator_rejects_indivisible_batch():
-    mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(8), ("data",))
-    ds = ip.create_eval_dataset(_tiny(), "test", global_batch_size=12)
-    with pytest.raises(ValueError, match="multiple of 8"):
-        next(ip.device_iterator(ds, mesh))
-
-
 def test_batch_not_divisible_by_processes():
     with pytest.raises(ValueError, match="process count 3"):
         ip.create_pretrain_dataset(_tiny(), global_batch_size=8, seed=0, process_index=0,
@@ -303,7 +281,7 @@ def test_tf_has_no_gpu():
     assert tf.config.get_visible_devices("GPU") == []
 
 
-_THREADS = ("import tensorflow as tf; {before}from bam_jax import input_pipeline; "
+_THREADS = ("import tensorflow as tf; {before}from bam_jax.data import pipeline; "
             "t = tf.config.threading; "
             "print(t.get_intra_op_parallelism_threads(), t.get_inter_op_parallelism_threads())")
 
@@ -315,7 +293,7 @@ def test_tensorflow_ops_single_threaded_unless_initialised_first(ops_before_impo
     result = subprocess.run([sys.executable, "-c", _THREADS.format(before=before)], cwd=ROOT,
                             capture_output=True, text=True, check=True)
     assert result.stdout.split()[-2:] == expected.split()
-    assert ("initialised before bam_jax.input_pipeline" in result.stderr) == ops_before_import
+    assert ("initialised before bam_jax.data.pipeline" in result.stderr) == ops_before_import
 
 
 class TinyDigits(tfds.core.GeneratorBasedBuilder):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from bam_jax.knn import balanced_subset_indices, knn_classify, knn_evaluate
+from bam_jax.evals.knn import balanced_subset_indices, knn_classify, knn_evaluate
 
 
 def _clusters(n_per_class, num_classes, dim, seed, noise=0.05):

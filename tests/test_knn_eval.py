@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from bam_jax import knn_eval, train
+from bam_jax import train
+from bam_jax.evals import knn as knn_eval
 from test_train import tiny_config
 
 _SHARED = {}
@@ -66,9 +67,9 @@ def test_no_checkpoint_is_one_clear_error_and_random_init_needs_none(pretrained,
 def test_cli_prints_one_error_line(tmp_path):
     (tmp_path / "empty").mkdir()
     run = subprocess.run(
-        [sys.executable, "-m", "bam_jax.knn_eval", f"--workdir={tmp_path / 'empty'}"],
+        [sys.executable, "-m", "bam_jax.evals.knn", f"--workdir={tmp_path / 'empty'}"],
         capture_output=True, text=True, cwd=os.path.join(os.path.dirname(__file__), os.pardir),
         env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=120)
     assert run.returncode == 2
-    errors = [line for line in run.stderr.splitlines() if "bam_jax.knn_eval: error:" in line]
+    errors = [line for line in run.stderr.splitlines() if "bam_jax.evals.knn: error:" in line]
     assert len(errors) == 1 and "config.json does not exist" in errors[0]

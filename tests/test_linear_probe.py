@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bam_jax import linear_probe, train
+from bam_jax import sharding, train
+from bam_jax.evals import linear_probe
 from configs import linear, linear_default
 from test_faults import _damage
 from test_knn_eval import config_only_workdir, shared_pretrained_workdir
@@ -108,14 +109,14 @@ def test_backbone_runs_in_float32_whatever_the_pretraining_dtype():
     config.pretrain.model.update(backbone="vit", vit_variant="custom", width=32, depth=2,
                                  num_heads=2, patch_size=4, dtype="bfloat16")
     config.mesh.num_devices = 1
-    graphdef, backbone, _ = linear_probe._pretraining(config, train.make_mesh(config))
+    graphdef, backbone, _ = linear_probe._pretraining(config, sharding.make_mesh(config))
     images = jax.random.normal(jax.random.key(0), (4, 28, 28, 1))
     probe = linear_probe.make_feature_fn(config, graphdef)(backbone, images)
 
     def features(dtype):
         pretrain = config.pretrain.copy_and_resolve_references()
         pretrain.model.dtype = dtype
-        model = train.model_factory(pretrain)()
+        model = train.run_model_factory(pretrain)()
         nnx.update(model, backbone[0])
         return model.backbone.features(images, n_last_blocks=config.n_last_blocks,
                                        avgpool=config.avgpool)

@@ -137,7 +137,7 @@ def test_unknown_field_of_a_good_file_is_still_named(tmp_path, capsys, no_traini
 
 
 @pytest.mark.parametrize("module,program", [("bam_jax.main", "bam_jax"),
-                                            ("bam_jax.linear_probe", "bam_jax.linear_probe")])
+                                            ("bam_jax.evals.linear_probe", "bam_jax.evals.linear_probe")])
 def test_entry_points_name_a_bad_config_file_in_a_real_process(tmp_path, module, program):
     path = tmp_path / "syntax.py"
     path.write_text("def get_config():\n    return dict(a=1\n")

@@ -9,10 +9,19 @@ import pytest
 from flax import nnx
 
 from bam_jax import models as M
+from bam_jax.models import vit as vit_lib
+from configs import common
+
+
+def _model_config():
+    """configs.common's model in float32, with the official projector BatchNorms."""
+    cfg = common.model_config(dtype='float32')
+    cfg.projector.update(use_bn=True, last_bn=True)
+    return cfg
 
 
 def _vit_config(**overrides):
-    cfg = M.default_model_config()
+    cfg = _model_config()
     cfg.vit_variant = 'custom'
     cfg.width, cfg.depth, cfg.num_heads, cfg.patch_size = 32, 2, 4, 8
     cfg.projector.hidden_dim, cfg.projector.out_dim = 24, 16
@@ -84,7 +93,7 @@ def test_vit_shapes():
 
 @pytest.mark.parametrize('variant', ['tiny', 'small', 'base', 'large'])
 def test_vit_presets(variant):
-    cfg = M.default_model_config()
+    cfg = _model_config()
     cfg.vit_variant = variant
     model = nnx.eval_shape(lambda: M.build_model(cfg, num_channels=3, image_size=224, rngs=nnx.Rngs(0)))
     width, depth, heads = M.VIT_PRESETS[variant]
@@ -114,7 +123,7 @@ def test_features_and_attention():
 
 
 def test_sincos_table_layout():
-    table = M.sincos_pos_embed(3, 3, 8)
+    table = vit_lib.sincos_pos_embed(3, 3, 8)
     assert table.shape == (10, 8)
     np.testing.assert_array_equal(table[0], 0.0)
     omega = 1.0 / 10000.0 ** (np.arange(2) / 2)
@@ -125,22 +134,22 @@ def test_sincos_table_layout():
 
 def test_pos_embed_interpolation():
     vit = nnx.eval_shape(lambda: _vit(image_size=64, patch_size=8))  # native grid 8x8
-    vit.pos_embed.set_value(jnp.asarray(M.sincos_pos_embed(8, 8, 32)))
-    exact = M.sincos_pos_embed(8, 8, 32)
+    vit.pos_embed.set_value(jnp.asarray(vit_lib.sincos_pos_embed(8, 8, 32)))
+    exact = vit_lib.sincos_pos_embed(8, 8, 32)
     np.testing.assert_array_equal(vit.interpolated_pos_embed(8, 8), exact)
-    np.testing.assert_array_equal(M.bicubic_matrix(8, 8), np.eye(8, dtype=np.float32))
+    np.testing.assert_array_equal(vit_lib.bicubic_matrix(8, 8), np.eye(8, dtype=np.float32))
     for gh, gw in [(3, 3), (5, 7), (12, 12)]:
         out = vit.interpolated_pos_embed(gh, gw)
         assert out.shape == (1 + gh * gw, 32)
         np.testing.assert_array_equal(out[0], 0.0)  # CLS entry kept
     for n_in, n_out in [(8, 3), (14, 6), (4, 9)]:
-        np.testing.assert_allclose(M.bicubic_matrix(n_in, n_out).sum(1), 1.0, rtol=1e-6)
+        np.testing.assert_allclose(vit_lib.bicubic_matrix(n_in, n_out).sum(1), 1.0, rtol=1e-6)
 
 
 def test_bicubic_matches_torch():
     torch = pytest.importorskip('torch')
     vit = nnx.eval_shape(lambda: _vit(image_size=112, patch_size=8, width=16, num_heads=2))  # grid 14x14
-    vit.pos_embed.set_value(jnp.asarray(M.sincos_pos_embed(14, 14, 16)))
+    vit.pos_embed.set_value(jnp.asarray(vit_lib.sincos_pos_embed(14, 14, 16)))
     grid = np.array(vit.pos_embed[...])[1:].reshape(14, 14, 16)
     for gh, gw in [(6, 6), (4, 9), (20, 17)]:
         ref = torch.nn.functional.interpolate(
@@ -329,7 +338,7 @@ def test_functional_split_jit_merge_roundtrip():
 
 
 def test_pixels_backbone_is_the_flattened_image():
-    cfg = M.default_model_config()
+    cfg = _model_config()
     cfg.backbone = 'pixels'
     cfg.projector.update(hidden_dim=16, out_dim=8)
     model = M.build_model(cfg, num_channels=1, image_size=28, rngs=nnx.Rngs(0))

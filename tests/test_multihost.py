@@ -27,7 +27,8 @@ import orbax.checkpoint as ocp
 import pytest
 import tensorflow as tf
 
-from bam_jax import input_pipeline, train
+from bam_jax import train
+from bam_jax.data import pipeline
 from test_train import assert_trees_close, read_metrics, read_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -123,8 +124,8 @@ def test_two_processes_train_as_one(tmp_path, monkeypatch):
         # The reference trains here while the two processes run: 3 processes on the CPU cores.
         config = load_config(config_path)
         config.mesh.num_devices = 4
-        monkeypatch.setattr(input_pipeline, "create_pretrain_dataset",
-                            two_process_stream(input_pipeline.create_pretrain_dataset))
+        monkeypatch.setattr(pipeline, "create_pretrain_dataset",
+                            two_process_stream(pipeline.create_pretrain_dataset))
         single = str(tmp_path / "single")
         assert train.train_and_evaluate(config, single)["step"] == STEPS
         codes = [p.wait(timeout=300) for p in processes]

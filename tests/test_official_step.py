@@ -45,7 +45,7 @@ import optax
 import pytest
 from flax import nnx
 
-from bam_jax import models, train
+from bam_jax import models, sharding, train
 from configs import default as default_config
 
 torch = pytest.importorskip("torch")
@@ -538,7 +538,7 @@ def given_state(create, optimizer):
 
 def bam_jax_steps(config, batch):
     """NUM_STEPS of bam_jax's jitted train step from `given_state`: the states and metrics."""
-    mesh = train.make_mesh(config)
+    mesh = sharding.make_mesh(config)
     schedules = train.make_schedules(config, STEPS_PER_EPOCH, config.num_train_steps)
     optimizer = train.make_optimizer(config)
 

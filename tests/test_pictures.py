@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from bam_jax import pictures
+from bam_jax.evals import pictures
 from test_knn_eval import shared_pretrained_workdir
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

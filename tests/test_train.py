@@ -11,7 +11,8 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from bam_jax import train
+from bam_jax import checkpoint as checkpoint_lib
+from bam_jax import sharding, train
 from configs import default as default_config
 
 
@@ -305,8 +306,8 @@ def test_teacher_draws_its_own_drop_path_masks(drop_path_rate):
     config = tiny_config()
     config.model.drop_path_rate = drop_path_rate
     graphdef, make_state, _, _ = train.state_layout(
-        train.model_factory(config), train.make_optimizer(config), True,
-        train.make_mesh(config), config.mesh.fsdp_min_size)
+        train.run_model_factory(config), train.make_optimizer(config), True,
+        sharding.make_mesh(config), config.mesh.fsdp_min_size)
     state = make_state()
     images = jax.random.normal(jax.random.key(0), (4, 2, 28, 28, 1))
 
@@ -328,10 +329,10 @@ def test_teacher_draws_its_own_drop_path_masks(drop_path_rate):
 def ccrop_run(tmp_path_factory):
     import tensorflow as tf  # noqa: PLC0415
 
-    from bam_jax import input_pipeline  # noqa: PLC0415
+    from bam_jax.data import pipeline  # noqa: PLC0415
 
     root = tmp_path_factory.mktemp("digits")
-    images, labels = input_pipeline.load_mnist_bundled()["train"]
+    images, labels = pipeline.load_mnist_bundled()["train"]
     for i in range(64):
         folder = root / "train" / f"class_{labels[i]}"
         folder.mkdir(parents=True, exist_ok=True)
@@ -352,8 +353,8 @@ def test_contrastive_crop_boxes_are_updated_and_checkpointed(ccrop_run):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         updates = [row["step"] for row in map(json.loads, f) if "ccrop_update_seconds" in row]
     assert updates == [4, 6]  # after epochs 1 and 2 (0-based), not after the last
-    before = train.read_run_boxes(config, workdir, 2)
-    boxes = train.read_run_boxes(config, workdir, 8)
+    before = checkpoint_lib.read_boxes(workdir, 2, 64)
+    boxes = checkpoint_lib.read_boxes(workdir, 8, 64)
     np.testing.assert_array_equal(before, np.tile([0.0, 0.0, 1.0, 1.0], (64, 1)))
     assert boxes.shape == (64, 4) and boxes.dtype == np.float32
     assert np.all((0 <= boxes[:, :2]) & (boxes[:, :2] <= boxes[:, 2:]) & (boxes[:, 2:] <= 1))
@@ -364,12 +365,12 @@ def test_resume_after_a_box_update_continues_exactly(ccrop_run, tmp_path):
     config, workdir = ccrop_run
     # The boxes of the update at step 6 are not whole images (at step 4 the teacher is still
     # near its init and boxes every digit whole), so a resume that lost them would crop otherwise.
-    boxes = train.read_run_boxes(config, workdir, 6)
+    boxes = checkpoint_lib.read_boxes(workdir, 6, 64)
     assert np.mean((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])) < 0.95
     resumed = str(tmp_path / "resumed")
     resume_from(workdir, resumed, step=6)
     train.train_and_evaluate(config, resumed)
-    np.testing.assert_array_equal(train.read_run_boxes(config, resumed, 8), boxes)
+    np.testing.assert_array_equal(checkpoint_lib.read_boxes(resumed, 8, 64), boxes)
     full_metrics, resumed_metrics = read_metrics(workdir), read_metrics(resumed)
     for step in (7, 8):
         assert resumed_metrics[step]["loss"] == full_metrics[step]["loss"]
@@ -380,4 +381,4 @@ def test_resume_after_a_box_update_continues_exactly(ccrop_run, tmp_path):
     on4_config = config.copy_and_resolve_references()
     on4_config.mesh.num_devices = 4
     train.train_and_evaluate(on4_config, on4)
-    np.testing.assert_array_equal(train.read_run_boxes(config, on4, 8), boxes)
+    np.testing.assert_array_equal(checkpoint_lib.read_boxes(on4, 8, 64), boxes)

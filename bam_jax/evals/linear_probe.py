@@ -1,10 +1,10 @@
 """Linear probe of a frozen pretrained backbone, as the official eval_linear.py.
 
-    python -m bam_jax.linear_probe --config=configs/linear.py \
+    python -m bam_jax.evals.linear_probe --config=configs/linear.py \
         --config.pretrained_workdir=DIR --workdir=OUT
-    python -m bam_jax.linear_probe --config=configs/linear_default.py \
+    python -m bam_jax.evals.linear_probe --config=configs/linear_default.py \
         --config.pretrained_workdir=workdirs/default --workdir=workdirs/default_linear
-    python -m bam_jax.linear_probe --config=configs/linear_default.py \
+    python -m bam_jax.evals.linear_probe --config=configs/linear_default.py \
         --config.random_init=True --workdir=workdirs/random_linear   # the random-init row
 
 The backbone (teacher weights when the run has a teacher, unless --config.use_teacher=False) is
@@ -20,25 +20,20 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tensorflow as tf
+from flax import nnx
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import ml_collections  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-import tensorflow as tf  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from bam_jax import cli  # noqa: E402
-from bam_jax import checkpoint as checkpoint_lib  # noqa: E402
-from bam_jax import evaluate  # noqa: E402
-from bam_jax import input_pipeline  # noqa: E402
-from bam_jax import train  # noqa: E402
+from bam_jax import checkpoint as checkpoint_lib
+from bam_jax import cli, sharding, train
+from bam_jax.data import pipeline
+from bam_jax.evals import features
 
 
 # ---------------------------------------------------------------------------------------------
@@ -59,7 +54,7 @@ def create_supervised_dataset(data_config: ml_collections.ConfigDict, split: str
     config.update(train_split=split, global_crops_number=1, local_crops_number=0,
                   color_jitter_prob=0.0, grayscale_prob=0.0, blur_probs=(0.0, 0.0, 0.0),
                   solarize_prob=0.0)
-    dataset = input_pipeline.create_pretrain_dataset(
+    dataset = pipeline.create_pretrain_dataset(
         config, global_batch_size=global_batch_size, seed=seed, start_step=start_step,
         process_index=process_index, process_count=process_count)
     return dataset.map(lambda batch: {"image": batch["global_crops"][:, 0],
@@ -135,7 +130,7 @@ def make_train_step(config, feature_fn, head_graphdef, optimizer, learning_rate,
 def _pretraining(config: ml_collections.ConfigDict, mesh):
     """(graphdef, (params, model_state)) of the frozen backbone, and a line saying which."""
     if config.pretrained_workdir:
-        pre_config = train.read_run_config(config.pretrained_workdir)
+        pre_config = checkpoint_lib.read_run_config(config.pretrained_workdir)
     elif config.random_init:
         pre_config = config.pretrain.copy_and_resolve_references()
     else:
@@ -172,18 +167,16 @@ class _Evaluator:
             head = nnx.merge(head_graphdef, head_params, model_state)
             return head(feature_fn(backbone, images), train=False).astype(jnp.float32)
 
-        batch_sharding = jax.NamedSharding(mesh, jax.P(train.BATCH_AXES))
-        self._logits = jax.jit(logits, out_shardings=batch_sharding)
+        self._logits = jax.jit(logits, out_shardings=sharding.batch_sharding(mesh))
         self._hits = jax.jit(lambda x, y: topk_hits(x, y, min(5, num_classes)))
 
     def evaluate(self, backbone, state: train.TrainState) -> dict[str, float]:
         data = self._config.data
-        dataset = input_pipeline.create_eval_dataset(
+        dataset = pipeline.create_eval_dataset(
             data, data.eval_split, global_batch_size=self._config.eval_batch_size)
         with jax.set_mesh(self._mesh):
-            logits, labels, mask = evaluate.extract_features(
-                self._logits, (backbone, state.params), state.model_state, dataset, self._mesh,
-                train.BATCH_AXES)
+            logits, labels, mask = features.extract_features(
+                self._logits, (backbone, state.params), state.model_state, dataset, self._mesh)
             top1, top5 = jax.device_get(self._hits(logits, labels))
         mask = np.asarray(jax.device_get(mask)).astype(bool)
         return {"linear_top1": 100.0 * float(top1[mask].mean()),
@@ -192,24 +185,25 @@ class _Evaluator:
 
 def train_linear(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains (or resumes) the probe in `workdir`, which it owns meanwhile (a lease, as
-    pretraining); returns the final metrics."""
-    with train.workdir_lock(workdir):
-        return _train_linear(config, workdir)
+    pretraining); SIGTERM / Ctrl-C save and stop as there. Returns the final metrics."""
+    with train.StopSignals() as signals, train.workdir_lock(workdir) as lock:
+        return _train_linear(config, workdir, signals, lock)
 
 
-def _train_linear(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    os.makedirs(workdir, exist_ok=True)
-    mesh = train.make_mesh(config)
-    input_pipeline.check_global_batch(config.batch_size, mesh, train.BATCH_AXES)
-    input_pipeline.check_global_batch(config.eval_batch_size, mesh, train.BATCH_AXES)
+def _probe_line(metrics: dict[str, float]) -> str:
+    return (f"loss {metrics['loss']:.4f}  lr {metrics['learning_rate']:.2e}  train top-1 "
+            f"{metrics['train_top1']:.1f}")
+
+
+def _train_linear(config: ml_collections.ConfigDict, workdir: str, signals, lock
+                  ) -> dict[str, float]:
+    checkpoint_lib.workdir_path(workdir).mkdir(parents=True, exist_ok=True)
+    mesh = sharding.make_mesh(config)
+    sharding.check_global_batch(config.batch_size, mesh)
+    sharding.check_global_batch(config.eval_batch_size, mesh)
     data = config.data
-    examples = input_pipeline.num_examples(data, data.eval_train_split)
-    if examples < config.batch_size:
-        raise ValueError(f"batch_size={config.batch_size} exceeds the {examples} training "
-                         f"examples; lower --config.batch_size")
-    epoch_steps = examples // config.batch_size
-    total_steps = (config.num_train_steps if config.num_train_steps > 0
-                   else int(math.ceil(config.num_epochs * epoch_steps)))
+    epoch_steps = pipeline.steps_per_epoch(data, config.batch_size, data.eval_train_split)
+    total_steps = train.total_train_steps(config, epoch_steps)
 
     backbone_graphdef, backbone, which = _pretraining(config, mesh)
     backbone_shardings = jax.tree.map(lambda x: x.sharding, backbone)
@@ -224,66 +218,56 @@ def _train_linear(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
         create_head, optimizer, False, mesh, config.mesh.fsdp_min_size)
     checkpointer = checkpoint_lib.Checkpointer(
         workdir, max_to_keep=config.keep_checkpoints, async_save=config.async_checkpointing)
-    state, _ = train.restore_or_init(make_state, abstract_state, shardings, checkpointer)
+    state, resumed = checkpoint_lib.restore_or_init(make_state, abstract_state, shardings,
+                                                    checkpointer)
     start_step = int(jax.device_get(state.step))
-    train.save_config(config, workdir)
+    checkpoint_lib.save_config(config, workdir)
     print(f"linear probe on the {which}: {in_dim} features -> {num_classes} classes, "
           f"{total_steps} steps of {config.batch_size}", flush=True)
 
     feature_fn = make_feature_fn(config, backbone_graphdef)
-    peak_lr = config.optimizer.base_lr * config.batch_size / 256  # the official scaling
-    learning_rate = train.cosine_schedule(
-        peak_lr, config.optimizer.min_lr, total_steps,
-        min(int(round(config.optimizer.warmup_epochs * epoch_steps)), total_steps))
+    learning_rate = train.learning_rate_schedule(config, epoch_steps, total_steps)
     step_fn = make_train_step(config, feature_fn, head_graphdef, optimizer, learning_rate,
                               num_classes)
-    batch_sharding = jax.NamedSharding(mesh, jax.P(train.BATCH_AXES))
-    compiled_step = jax.jit(step_fn, donate_argnums=(0,),
-                            in_shardings=(shardings, backbone_shardings, batch_sharding),
-                            out_shardings=(shardings, None))
+    compiled_step = jax.jit(
+        lambda state, batch: step_fn(state, backbone, batch), donate_argnums=(0,),
+        in_shardings=(shardings, sharding.batch_sharding(mesh)), out_shardings=(shardings, None))
     evaluator = _Evaluator(config, feature_fn, head_graphdef, mesh, num_classes)
-    logger = train.MetricsLogger(workdir, total_steps, config.batch_size)
+    logger = train.MetricsLogger(workdir, total_steps, config.batch_size, describe=_probe_line)
     eval_every = max(int(round(config.eval_every_epochs * epoch_steps)), 1)
+    batches = None
 
-    final: dict[str, float] = {}
-    step = start_step
-    if step < total_steps:
-        dataset = create_supervised_dataset(data, data.eval_train_split,
-                                            global_batch_size=config.batch_size,
-                                            seed=config.seed, start_step=start_step)
-        batches = input_pipeline.device_iterator(dataset, mesh, train.BATCH_AXES)
-    while step < total_steps:
-        with jax.set_mesh(mesh):
-            state, metrics = compiled_step(state, backbone, next(batches))
-        step += 1
-        is_last = step == total_steps
-        if step % config.log_every_steps == 0 or is_last:
-            host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            host["epoch"] = step / epoch_steps
-            logger.write(step, host)
-            final.update(host)
-            print(f"step {step}/{total_steps}  loss {host['loss']:.4f}  lr "
-                  f"{host['learning_rate']:.2e}  train top-1 {host['train_top1']:.1f}", flush=True)
+    def next_batch():
+        nonlocal batches
+        if batches is None:  # built at the first step: a finished probe reads no data
+            batches = sharding.device_iterator(create_supervised_dataset(
+                data, data.eval_train_split, global_batch_size=config.batch_size,
+                seed=config.seed, start_step=start_step), mesh)
+        return next(batches)
+
+    def after_step(step, state, is_last):
         if step % eval_every == 0 or is_last:
-            final.update(_log_eval(evaluator.evaluate(backbone, state), step, logger, workdir))
-        if step % config.checkpoint_every_steps == 0 or is_last:
-            checkpointer.save(step, state, config)
+            return _log_eval(evaluator.evaluate(backbone, state), step, logger, workdir)
+        return {}
+
+    state, step, final = train.run_loop(
+        config, state, compiled_step, next_batch, mesh=mesh, total_steps=total_steps,
+        epoch_steps=epoch_steps, checkpointer=checkpointer, logger=logger, signals=signals,
+        lock=lock, last_saved=start_step if resumed else None, after_step=after_step)
     if start_step >= total_steps:  # resumed a finished probe: report it again
         final.update(_log_eval(evaluator.evaluate(backbone, state), step, logger, workdir))
-    checkpointer.close()
     logger.close()
-    final["step"] = step
-    return final
+    return dict(final, step=step)
 
 
 def _log_eval(results, step, logger, workdir) -> dict[str, float]:
     """Writes one evaluation, with the best top-1 of this probe so far (resumes included)."""
     best = results["linear_top1"]
-    path = os.path.join(workdir, "metrics.jsonl")
-    if os.path.exists(path):
-        with open(path) as f:
-            best = max([best] + [row["linear_top1"] for row in map(json.loads, f)
-                                 if "linear_top1" in row])
+    path = checkpoint_lib.workdir_path(workdir) / "metrics.jsonl"
+    if path.exists():
+        best = max([best] + [row["linear_top1"] for row in map(json.loads, path.read_text()
+                                                                 .splitlines())
+                             if "linear_top1" in row])
     results = dict(results, linear_best_top1=best)
     logger.write(step, results)
     print(f"linear probe at step {step}: top-1 {results['linear_top1']:.2f}  top-5 "
@@ -296,8 +280,8 @@ def _main(argv, config_flag, workdir_flag):
     logging.getLogger("absl").setLevel(logging.WARNING)
     try:
         result = train_linear(config_flag.value, workdir_flag.value)
-    except (ValueError, OSError) as error:
-        print(cli.error_line("bam_jax.linear_probe", error), file=sys.stderr, flush=True)
+    except (ValueError, OSError, train.RunInterrupted) as error:
+        print(cli.error_line("bam_jax.evals.linear_probe", error), file=sys.stderr, flush=True)
         sys.exit(2)
     print(f"done: step {result['step']}  top-1 {result['linear_top1']:.2f}  top-5 "
           f"{result['linear_top5']:.2f}  best top-1 {result['linear_best_top1']:.2f}", flush=True)
@@ -314,4 +298,4 @@ if __name__ == "__main__":
                                    "metrics.jsonl go; an existing probe there is resumed.")
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(lambda argv: _main(argv, _config, _workdir),
-            flags_parser=cli.flags_parser("bam_jax.linear_probe"))
+            flags_parser=cli.flags_parser("bam_jax.evals.linear_probe"))

@@ -1,4 +1,4 @@
-"""Throughput of the multi-crop train pipeline: `python -m bam_jax.benchmark_input`.
+"""Throughput of the multi-crop train pipeline: `python -m bam_jax.tools.benchmark_input`.
 
 Writes `--num_images` synthetic 500x375 JPEGs (ImageNet's typical size) into a temporary
 ImageNet-style folder, runs the folder source with the ViT-S/16 recipe (2x224 + 6x96 crops) on
@@ -50,15 +50,12 @@ def benchmark_tf(
     """(images per wall second, images per CPU second of this process) of
     create_pretrain_dataset on the folder, after 2 warm-up batches. The second figure is the
     per-core rate, and stays meaningful when other processes share the cores."""
-    from bam_jax import input_pipeline
+    from bam_jax.data import pipeline
+    from configs import common
 
-    config = input_pipeline.default_data_config()
-    config.resize_antialias = antialias
-    config.source = "folder"
-    config.folder = root
-    config.threadpool_size = threads
-    config.num_parallel_calls = threads
-    ds = input_pipeline.create_pretrain_dataset(
+    config = common.data_config(resize_antialias=antialias, source="folder", folder=root,
+                                threadpool_size=threads, num_parallel_calls=threads)
+    ds = pipeline.create_pretrain_dataset(
         config, global_batch_size=batch, seed=0, process_index=0, process_count=1)
     it = ds.as_numpy_iterator()
     for _ in range(2):
@@ -121,7 +118,7 @@ def benchmark_torchvision(root: str, threads: int, batch: int, num_batches: int)
 
 def _torchvision_in_child(root: str, threads: int, batch: int, num_batches: int) -> float | None:
     """`benchmark_torchvision` in a fresh interpreter that has not imported TensorFlow."""
-    code = ("import sys; from bam_jax.benchmark_input import benchmark_torchvision as b; "
+    code = ("import sys; from bam_jax.tools.benchmark_input import benchmark_torchvision as b; "
             "print(b(sys.argv[1], *map(int, sys.argv[2:])))")
     out = subprocess.run([sys.executable, "-c", code, root, str(threads), str(batch),
                           str(num_batches)], check=True, capture_output=True, text=True).stdout
@@ -143,7 +140,7 @@ def main() -> None:
                         help="repeat and print medians (ratios are taken within each round)")
     args = parser.parse_args()
     # Before any TensorFlow op runs: importing the pipeline sets TensorFlow's thread pools.
-    from bam_jax import input_pipeline  # noqa: F401
+    from bam_jax.data import pipeline  # noqa: F401
 
     with tempfile.TemporaryDirectory() as root:
         write_jpegs(root, args.num_images, args.content)

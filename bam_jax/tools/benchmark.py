@@ -1,11 +1,11 @@
-"""Train-step benchmark: `python -m bam_jax.benchmark --workload=vit_s16 [--batch_size=8]`.
+"""Train-step benchmark: `python -m bam_jax.tools.benchmark --workload=vit_s16 [--batch_size=8]`.
 
 Prints and writes as JSON (`--output`): the median step time after compilation, images/s, the
 step's model FLOPs from XLA's cost analysis, achieved FLOP/s and its fraction of a matmul peak
 measured in the same run (MFU), the share of the step spent in the loss + Sinkhorn, and memory.
 Runs unchanged on CPU, GPU and TPU: fp32 on CPU, bf16 compute on accelerators by default.
 Inputs are random tensors of the workload's shapes, so the figure is the step alone, not the
-input pipeline (see `bam_jax.benchmark_input` for that).
+input pipeline (see `bam_jax.tools.benchmark_input` for that).
 """
 
 from __future__ import annotations
@@ -18,11 +18,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from absl import app, flags
-from flax import nnx
 
 from bam_jax import loss as loss_lib
-from bam_jax import models
-from bam_jax import train
+from bam_jax import sharding, train
 from configs import common
 from configs import default as default_config
 
@@ -55,7 +53,7 @@ def workload_config(name: str, batch_size: int,
     return config, num_channels
 
 
-def random_batch(config, num_channels: int, sharding) -> dict[str, jax.Array]:
+def random_batch(config, num_channels: int, batch_sharding) -> dict[str, jax.Array]:
     data = config.data
     key_global, key_local = jax.random.split(jax.random.key(0))
     batch = {"global_crops": jax.random.normal(key_global, (
@@ -65,7 +63,7 @@ def random_batch(config, num_channels: int, sharding) -> dict[str, jax.Array]:
         batch["local_crops"] = jax.random.normal(key_local, (
             config.batch_size, data.local_crops_number, data.local_crop_size,
             data.local_crop_size, num_channels))
-    return jax.device_put(batch, sharding)
+    return jax.device_put(batch, batch_sharding)
 
 
 def matmul_peak_flops(dtype) -> float:
@@ -92,19 +90,16 @@ def _median_seconds(fn, *args, steps: int) -> float:
 
 
 def run(config: ml_collections.ConfigDict, *, num_channels: int, steps: int) -> dict:
-    mesh = train.make_mesh(config)
+    mesh = sharding.make_mesh(config)
     total_steps = 1000
     schedules = train.make_schedules(config, steps_per_epoch=100, total_steps=total_steps)
     optimizer = train.make_optimizer(config)
 
-    def create_model():
-        return models.build_model(
-            config.model, num_channels=num_channels, image_size=config.data.global_crop_size,
-            rngs=nnx.Rngs(params=0, dropout=1))
-
+    create_model = train.model_factory(config.model, num_channels=num_channels,
+                                       image_size=config.data.global_crop_size, seed=config.seed)
     graphdef, make_state, _, shardings = train.state_layout(
         create_model, optimizer, config.teacher.enabled, mesh, config.mesh.fsdp_min_size)
-    batch_sharding = jax.NamedSharding(mesh, jax.P(train.BATCH_AXES))
+    batch_sharding = sharding.batch_sharding(mesh)
     batch = random_batch(config, num_channels, batch_sharding)
     with jax.set_mesh(mesh):
         state = jax.jit(make_state, out_shardings=shardings)()
@@ -129,15 +124,11 @@ def run(config: ml_collections.ConfigDict, *, num_channels: int, steps: int) -> 
         num_views = config.data.global_crops_number + config.data.local_crops_number
         z = jax.device_put(jax.random.normal(jax.random.key(1), (
             config.batch_size, num_views, config.model.projector.out_dim)), batch_sharding)
-        loss_cfg = config.loss
 
         def loss_and_grad(z, z_teacher):
             return jax.value_and_grad(lambda x: loss_lib.sharded_bam_loss_and_metrics(
-                x, mesh=mesh, batch_axes=train.BATCH_AXES, z_teacher=z_teacher,
-                num_global_crops=config.data.global_crops_number,
-                num_target_crops=loss_cfg.num_target_crops, sinkhorn_reg=loss_cfg.sinkhorn_reg,
-                temperature=loss_cfg.temperature, sinkhorn_iters=loss_cfg.sinkhorn_iters,
-                top_k=loss_cfg.top_k, positive_masking=loss_cfg.positive_masking)[0])(z)
+                x, mesh=mesh, batch_axes=sharding.BATCH_AXES, z_teacher=z_teacher,
+                sinkhorn_reg=config.loss.sinkhorn_reg, **train.loss_kwargs(config))[0])(z)
 
         loss_fn = jax.jit(loss_and_grad)
         z_teacher = z if config.teacher.enabled else None

@@ -1,4 +1,4 @@
-"""Pictures of a pretraining workdir: `python -m bam_jax.pictures --workdir=DIR`.
+"""Pictures of a pretraining workdir: `python -m bam_jax.evals.pictures --workdir=DIR`.
 
 Writes PNG files into DIR (matplotlib, Agg backend):
   curves.png     loss and kNN top-1 against the step, from metrics.jsonl;
@@ -13,37 +13,32 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import matplotlib  # noqa: E402
+import jax
+import jax.numpy as jnp
+import matplotlib
 
 matplotlib.use("Agg")
 
-import matplotlib.patches  # noqa: E402
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
+import matplotlib.patches
+import matplotlib.pyplot as plt
+import numpy as np
+from flax import nnx
 
-from bam_jax import cli  # noqa: E402
-from bam_jax import input_pipeline  # noqa: E402
-from bam_jax import loss as loss_lib  # noqa: E402
-from bam_jax import models  # noqa: E402
-from bam_jax import train  # noqa: E402
+from bam_jax import checkpoint as checkpoint_lib
+from bam_jax import cli, models, sharding, train
+from bam_jax import loss as loss_lib
+from bam_jax.data import pipeline
 
 
 def plot_curves(workdir: str) -> str:
     """curves.png: the training loss and every kNN top-1 series of metrics.jsonl."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
+    path = checkpoint_lib.workdir_path(workdir) / "metrics.jsonl"
+    if not path.exists():
         raise ValueError(f"{path} does not exist; pass a workdir that `python -m bam_jax.main` "
                          f"has trained in")
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     series_names = sorted({k for row in rows for k in row if k.endswith("knn_top1")})
     fig, (ax_loss, ax_knn) = plt.subplots(1, 2, figsize=(11, 4))
     loss_rows = [row for row in rows if "loss" in row]
@@ -62,7 +57,7 @@ def plot_curves(workdir: str) -> str:
 
 def _unnormalize(images: np.ndarray, data_config) -> np.ndarray:
     """Model inputs back to [0, 1] pixels for display."""
-    mean, std = input_pipeline.mean_std(data_config, images.shape[-1])
+    mean, std = pipeline.mean_std(data_config, images.shape[-1])
     return np.clip(images * np.asarray(std) + np.asarray(mean), 0.0, 1.0)
 
 
@@ -80,7 +75,7 @@ def plot_attention(config, graphdef, weights, workdir: str, num_images: int = 4)
               f"self-attention", flush=True)
         return None
     data = config.data
-    batch = next(input_pipeline.create_eval_dataset(
+    batch = next(pipeline.create_eval_dataset(
         data, data.eval_split, global_batch_size=num_images, process_index=0,
         process_count=1).as_numpy_iterator())
     images = batch["image"]
@@ -109,7 +104,7 @@ def plot_attention(config, graphdef, weights, workdir: str, num_images: int = 4)
 
 def plot_target(config, graphdef, state, step: int, workdir: str, batch_size: int = 32) -> str:
     """target.png: P and A of one batch of training crops, at the run's eps of `step`."""
-    batch = next(input_pipeline.create_pretrain_dataset(
+    batch = next(pipeline.create_pretrain_dataset(
         config.data, global_batch_size=batch_size, seed=config.seed, process_index=0,
         process_count=1).as_numpy_iterator())
 
@@ -121,16 +116,13 @@ def plot_target(config, graphdef, state, step: int, workdir: str, batch_size: in
     z_teacher = None
     if state.teacher_params is not None:
         z_teacher = jax.jit(project)(state.teacher_params, state.teacher_model_state)
-    epoch_steps = max(input_pipeline.num_examples(config.data, config.data.train_split)
-                      // config.batch_size, 1)
-    schedules = train.make_schedules(config, epoch_steps, train.total_train_steps(config))
+    epoch_steps = pipeline.steps_per_epoch(config.data, config.batch_size)
+    schedules = train.make_schedules(config, epoch_steps,
+                                     train.total_train_steps(config, epoch_steps))
     eps = float(schedules.sinkhorn_reg(step))
     loss_cfg = config.loss
-    matrices = loss_lib.attention_matrices(
-        z, z_teacher=z_teacher, num_global_crops=config.data.global_crops_number,
-        num_target_crops=loss_cfg.num_target_crops, sinkhorn_reg=eps,
-        temperature=loss_cfg.temperature, sinkhorn_iters=loss_cfg.sinkhorn_iters,
-        top_k=loss_cfg.top_k, positive_masking=loss_cfg.positive_masking)
+    matrices = loss_lib.attention_matrices(z, z_teacher=z_teacher, sinkhorn_reg=eps,
+                                           **train.loss_kwargs(config))
     num_columns = matrices.scores.shape[-1]
     target = matrices.target.reshape(-1, num_columns)  # rows: image x global view
     source = jnp.exp(matrices.log_source[:, :config.data.global_crops_number]).reshape(
@@ -150,7 +142,7 @@ def plot_target(config, graphdef, state, step: int, workdir: str, batch_size: in
 def plot_boxes(config, boxes: np.ndarray, step: int, workdir: str, num_images: int = 8) -> str:
     """boxes.png: the first training images as the box pass sees them, with their boxes."""
     size = config.ccrop.image_size or config.data.global_crop_size
-    batch = next(input_pipeline.create_box_dataset(
+    batch = next(pipeline.create_box_dataset(
         config.data, image_size=size, global_batch_size=num_images, process_index=0,
         process_count=1).as_numpy_iterator())
     pixels = _unnormalize(batch["image"], config.data)
@@ -167,20 +159,22 @@ def plot_boxes(config, boxes: np.ndarray, step: int, workdir: str, num_images: i
 
 
 def _save(fig, workdir: str, name: str) -> str:
-    path = os.path.join(workdir, name)
+    """Writes `name` into the workdir (local or gs://); returns its path."""
+    path = checkpoint_lib.workdir_path(workdir) / name
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with path.open("wb") as f:  # epath: a gs:// workdir too
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
     print(f"wrote {path}", flush=True)
-    return path
+    return str(path)
 
 
 def make_pictures(workdir: str) -> list[str]:
     """All pictures of a pretraining workdir; returns the paths written."""
     paths = [plot_curves(workdir)]
-    config = train.read_run_config(workdir)
+    config = checkpoint_lib.read_run_config(workdir)
     config.mesh.num_devices = 1  # a few images: one device, no sharding to think about
-    mesh = train.make_mesh(config)
+    mesh = sharding.make_mesh(config)
     graphdef, state, step = train.restore_run(config, workdir, mesh,
                                               fsdp_min_size=config.mesh.fsdp_min_size)
     teacher = state.teacher_params is not None
@@ -191,7 +185,8 @@ def make_pictures(workdir: str) -> list[str]:
         paths.append(attention)
     paths.append(plot_target(config, graphdef, state, step, workdir))
     if config.get("ccrop") and config.ccrop.enabled:
-        boxes = train.read_run_boxes(config, workdir, step)
+        boxes = checkpoint_lib.read_boxes(
+            workdir, step, pipeline.num_examples(config.data, config.data.train_split))
         if boxes is not None:
             paths.append(plot_boxes(config, boxes, step, workdir))
     return paths
@@ -203,7 +198,7 @@ def _main(argv, workdir_flag):
     try:
         make_pictures(workdir_flag.value)
     except (ValueError, OSError) as error:
-        print(cli.error_line("bam_jax.pictures", error), file=sys.stderr, flush=True)
+        print(cli.error_line("bam_jax.evals.pictures", error), file=sys.stderr, flush=True)
         sys.exit(2)
 
 
@@ -213,4 +208,4 @@ if __name__ == "__main__":
     _workdir = flags.DEFINE_string("workdir", None, "A pretraining workdir (python -m "
                                    "bam_jax.main --workdir).", required=True)
     app.run(lambda argv: _main(argv, _workdir),
-            flags_parser=cli.flags_parser("bam_jax.pictures"))
+            flags_parser=cli.flags_parser("bam_jax.evals.pictures"))

@@ -1,10 +1,10 @@
 """ViT weights between bam_jax and PyTorch (official BAM, DINO, timm key names).
 
 Import an official BAM / DINO checkpoint into a safetensors file that bam_jax loads:
-    python -m bam_jax.convert --torch_checkpoint=checkpoint.pth --checkpoint_key=teacher \
+    python -m bam_jax.tools.convert --torch_checkpoint=checkpoint.pth --checkpoint_key=teacher \
         --num_heads=12 --output=bam_vit_s16.safetensors
 Export the teacher of a bam_jax run for timm / DINO users:
-    python -m bam_jax.convert --workdir=DIR [--config=configs/vit_s.py] \
+    python -m bam_jax.tools.convert --workdir=DIR [--config=configs/vit_s.py] \
         --export_safetensors=out.safetensors
 
 The interchange file is safetensors with timm key names (cls_token, pos_embed [1, 1+N, D],
@@ -276,13 +276,8 @@ def _torch_load_failure(path: str, error: BaseException) -> str:
         return f"{path} is not a PyTorch checkpoint (neither a zip archive nor a pickle)"
     if isinstance(error, pickle.UnpicklingError):  # the unpickler's reason is the cause
         return f"{path}: refused by torch.load(weights_only=True): " \
-               f"{_first_line(error.__context__ or error)}"
-    return f"{path} is truncated or damaged: {_first_line(error).split('. ')[0]}"
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+               f"{cli.first_line(error.__context__ or error)}"
+    return f"{path} is truncated or damaged: {cli.first_line(error).split('. ')[0]}"
 
 
 def load_torch_vit(path: str, *, checkpoint_key: str = "teacher", num_heads: int = 12,
@@ -346,22 +341,10 @@ def backbone_from_workdir(workdir: str, config=None, *, checkpoint_key: str = "t
 
     if checkpoint_key not in ROLES:
         raise ValueError(f"checkpoint_key must be one of {ROLES}, got {checkpoint_key!r}")
-    if not (checkpoint_lib.workdir_path(workdir) / "checkpoints").is_dir():
-        raise FileNotFoundError(f"no checkpoints directory in {workdir}")
-    checkpointer = checkpoint_lib.Checkpointer(workdir, read_only=True)
-    try:
-        restored = checkpointer.restore_latest_as_saved(
-            jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-        if restored is None and not checkpointer.all_steps():
-            raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}")
-        if restored is None:
-            raise ValueError(f"none of the checkpoints {checkpointer.all_steps()} in "
-                             f"{checkpointer.directory} could be read (see the warnings above)")
-        step, state = restored
-        if config is None:
-            config = ml_collections.ConfigDict(checkpointer.restore_config(step))
-    finally:
-        checkpointer.close()
+    step, state, saved_config = checkpoint_lib.read_newest(
+        workdir, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    if config is None:
+        config = ml_collections.ConfigDict(saved_config)
 
     prefix = "teacher_" if checkpoint_key == "teacher" else ""
     if not state.get(f"{prefix}params"):
@@ -415,7 +398,7 @@ def _load_config(path: str):
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m bam_jax.convert",
+        prog="python -m bam_jax.tools.convert",
         description="Convert ViT weights between PyTorch (official BAM, DINO, timm) and bam_jax.",
         epilog="import:  --torch_checkpoint=checkpoint.pth --output=vit.safetensors "
                "[--checkpoint_key=student] [--num_heads=6]\n"
@@ -457,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
             source = f"{args.workdir} step {step} ({args.checkpoint_key})"
         save_vit_safetensors(model, destination)
     except (ValueError, FileNotFoundError, OSError) as error:
-        print(cli.error_line("bam_jax.convert", error), file=sys.stderr, flush=True)
+        print(cli.error_line("bam_jax.tools.convert", error), file=sys.stderr, flush=True)
         return 2
     grid = model.grid_size[0]
     print(f"wrote {destination}: ViT width {model.embed_dim}, depth {model.depth}, heads "

@@ -48,7 +48,6 @@ and box passes drop a failed image with its row and pad up to the same count.
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import dataclasses
 import functools
@@ -58,7 +57,6 @@ import json
 import logging
 import math
 import os
-from typing import Iterator
 
 import jax
 import ml_collections
@@ -66,7 +64,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from bam_jax import augment
+from bam_jax.data import augment
 
 _LOG = logging.getLogger(__name__)
 
@@ -80,16 +78,16 @@ def _run_ops_single_threaded() -> None:
 
     tf.data already spreads whole images over its own threads (`num_parallel_calls`). When each
     op of an image also splits itself over TensorFlow's shared intra-op and inter-op pools, the
-    hand-offs cost more than they save: measured with `bam_jax.benchmark_input`, one pool thread
+    hand-offs cost more than they save: measured with `bam_jax.tools.benchmark_input`, one pool thread
     each gives 1.7x (one tf.data thread) to 1.9x (two) the images/s on the same cores.
     """
     try:
         tf.config.threading.set_intra_op_parallelism_threads(1)
         tf.config.threading.set_inter_op_parallelism_threads(1)
     except RuntimeError:  # this process ran TensorFlow ops before importing the pipeline
-        _LOG.warning("TensorFlow was initialised before bam_jax.input_pipeline was imported, so "
+        _LOG.warning("TensorFlow was initialised before bam_jax.data.pipeline was imported, so "
                      "its ops keep their shared thread pools and the input pipeline runs up to "
-                     "1.9x slower: import bam_jax.input_pipeline before running TensorFlow ops.")
+                     "1.9x slower: import bam_jax.data.pipeline before running TensorFlow ops.")
 
 
 _run_ops_single_threaded()
@@ -98,45 +96,6 @@ MNIST_TRAIN_SIZE = 4000
 _MNIST_SPLIT_SEED = 0
 # Magic numbers of the formats tf.io.decode_image reads (JPEG, PNG, GIF, BMP).
 _IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
-
-
-def default_data_config() -> ml_collections.ConfigDict:
-    """Defaults of `config.data`: the ViT-S/16 DINO/BAM multi-crop recipe on the bundled MNIST."""
-    return ml_collections.ConfigDict(
-        dict(
-            source="mnist_bundled",  # "mnist_bundled" | "tfds" | "folder"
-            tfds_name="imagenet2012",
-            data_dir=None,  # tfds data_dir (None: tfds default)
-            folder="",  # root of folder/<split>/<class>/<image>
-            train_split="train",
-            eval_train_split="train",  # kNN bank / linear-probe training set
-            eval_split="test",  # "validation" for imagenet2012, "val" for an ImageNet folder
-            global_crops_number=2,
-            global_crop_size=224,
-            global_crops_scale=(0.25, 1.0),
-            local_crops_number=6,
-            local_crop_size=96,
-            local_crops_scale=(0.05, 0.25),
-            resize_antialias=True,  # PIL-faithful; False: ~2x cheaper resizes, some aliasing
-            flip_prob=0.5,
-            color_jitter_prob=0.8,
-            brightness=0.4,
-            contrast=0.4,
-            saturation=0.4,
-            hue=0.1,
-            grayscale_prob=0.2,
-            blur_probs=(1.0, 0.1, 0.5),  # first global crop, other global crops, local crops
-            blur_sigma=(0.1, 2.0),
-            solarize_prob=0.2,  # second (and later) global crops only
-            eval_resize=256,
-            eval_crop_size=224,
-            mean=None,  # None: ImageNet's (its channel average for one-channel data)
-            std=None,
-            shuffle_buffer=16_384,  # tfds only; in-memory sources shuffle each epoch exactly
-            num_parallel_calls=-1,  # -1: tf.data AUTOTUNE
-            threadpool_size=0,  # private tf.data threadpool size; 0: TensorFlow's default
-        )
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,6 +368,18 @@ def _source(config: ml_collections.ConfigDict) -> _Source:
 def num_examples(data_config: ml_collections.ConfigDict, split: str) -> int:
     """Number of examples in `split` (after dropping non-image files of a folder source)."""
     return _source(data_config).num_examples(split)
+
+
+def steps_per_epoch(data_config: ml_collections.ConfigDict, global_batch_size: int,
+                    split: str | None = None) -> int:
+    """Full batches in one epoch of `split` (default: the train split); the remainder is
+    dropped, as the official DataLoader's drop_last."""
+    split = data_config.train_split if split is None else split
+    examples = num_examples(data_config, split)
+    if examples < global_batch_size:
+        raise ValueError(f"batch_size={global_batch_size} exceeds the {examples} training "
+                         f"examples; lower --config.batch_size")
+    return examples // global_batch_size
 
 
 def num_channels(data_config: ml_collections.ConfigDict) -> int:
@@ -775,52 +746,3 @@ def create_box_dataset(
     return _padded_pass(config, config.train_split, view, image_size, ("image", "index", "mask"),
                         global_batch_size=global_batch_size, process_index=process_index,
                         process_count=process_count)
-
-
-# ---------------------------------------------------------------------------------------------
-# Host -> device.
-
-
-def data_axes_size(mesh: jax.sharding.Mesh, batch_axes=("data",)) -> int:
-    return math.prod(mesh.shape[a] for a in batch_axes)
-
-
-def check_global_batch(global_batch_size: int, mesh: jax.sharding.Mesh, batch_axes=("data",),
-                       process_count: int | None = None) -> None:
-    """Raises if the global batch does not split over the processes and the data-axes devices."""
-    per_process_batch_size(global_batch_size, _process(None, process_count)[1])
-    devices = data_axes_size(mesh, batch_axes)
-    if global_batch_size % devices:
-        raise ValueError(
-            f"batch size {global_batch_size} does not divide by the {devices} devices on mesh axes "
-            f"{tuple(batch_axes)}; set the batch size to a multiple of {devices}"
-        )
-
-
-def device_iterator(
-    dataset, mesh: jax.sharding.Mesh, batch_axes=("data",), prefetch: int = 2
-) -> Iterator[dict[str, jax.Array]]:
-    """Global jax arrays from per-process batches, batch dim sharded over `batch_axes`.
-
-    Transfers run `prefetch` batches ahead (device_put is asynchronous), so the host->device copy
-    of the next batches overlaps the current step.
-    """
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(tuple(batch_axes)))
-    batches = dataset.as_numpy_iterator() if isinstance(dataset, tf.data.Dataset) else iter(dataset)
-    checked = False
-
-    def put(batch):
-        nonlocal checked
-        if not checked:
-            local = len(next(iter(jax.tree.leaves(batch))))
-            check_global_batch(local * jax.process_count(), mesh, batch_axes)
-            checked = True
-        return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
-
-    queue = collections.deque()
-    for batch in batches:
-        queue.append(put(batch))
-        if len(queue) > prefetch:
-            yield queue.popleft()
-    while queue:
-        yield queue.popleft()

@@ -10,16 +10,37 @@ on the devices holding the features:
   takes the top-k of its own rows, the k candidates of every device are
   all-gathered (k values per test example per device) and the global top-k is
   taken from them, so the bank never has to live on one device or host.
+
+`KnnEvaluator` is the trainer's online kNN; run as a module, this file evaluates a finished
+pretraining workdir the same way, `python -m bam_jax.evals.knn --workdir=DIR`: the newest readable
+checkpoint (student, and teacher when the run has one) is restored onto this machine's mesh.
+Options override the run's config.json:
+
+    python -m bam_jax.evals.knn --workdir=DIR --config.knn.k=200 --config.knn.temperature=0.1
+    python -m bam_jax.evals.knn --workdir=DIR --random_init   # the same backbone at init
+
+Results are printed and appended to DIR/metrics.jsonl under `offline_*` keys (the online kNN of
+training writes `knn_*`), at the checkpoint's step.
 """
 from __future__ import annotations
 
 import functools
 import math
 
+import logging
+import sys
+
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from bam_jax import checkpoint as checkpoint_lib
+from bam_jax import cli, sharding, train
+from bam_jax.data import pipeline
+from bam_jax.evals import features
 
 
 def _normalize(x):
@@ -151,3 +172,135 @@ def balanced_subset_indices(labels, fraction: float | None, seed: int = 0) -> np
     subset = np.concatenate(picks)
     rng.shuffle(subset)
     return subset
+
+
+class KnnEvaluator:
+    """Online kNN (k, temperature as DINO) on the student's and the teacher's backbone.
+
+    The bank is a class-balanced `config.knn.train_fraction` of `data.eval_train_split`, chosen
+    once; features never leave the devices except for the final per-example votes.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
+                 mesh: jax.sharding.Mesh):
+        self._config = config
+        self._mesh = mesh
+        self._bank_mask = None
+
+        def embed(params, model_state, images):
+            return nnx.merge(graphdef, params, model_state).embed(images).astype(jnp.float32)
+
+        self._embed = jax.jit(embed, out_shardings=sharding.batch_sharding(mesh))
+
+    def _dataset(self, split):
+        return pipeline.create_eval_dataset(
+            self._config.data, split, global_batch_size=self._config.knn.batch_size)
+
+    def features(self, params, model_state, split):
+        with jax.set_mesh(self._mesh):
+            return features.extract_features(self._embed, params, model_state,
+                                             self._dataset(split), self._mesh)
+
+    def _knn(self, params, model_state) -> dict[str, float]:
+        data = self._config.data
+        bank, bank_labels, bank_valid = self.features(params, model_state, data.eval_train_split)
+        test, test_labels, test_valid = self.features(params, model_state, data.eval_split)
+        if self._bank_mask is None:
+            labels = np.asarray(jax.device_get(bank_labels))
+            valid = np.asarray(jax.device_get(bank_valid)).astype(bool)
+            keep = np.zeros(len(labels), bool)
+            real = np.flatnonzero(valid)
+            keep[real[balanced_subset_indices(labels[real], self._config.knn.train_fraction,
+                                             seed=self._config.seed)]] = True
+            self._num_classes = int(labels[valid].max()) + 1
+            self._bank_mask = jax.device_put(keep, bank_valid.sharding)
+        return knn_evaluate(
+            bank, bank_labels, test, test_labels, num_classes=self._num_classes,
+            k=self._config.knn.k, temperature=self._config.knn.temperature, mesh=self._mesh,
+            test_mask=test_valid, train_mask=self._bank_mask)
+
+    def evaluate(self, state) -> dict[str, float]:
+        results = {f"knn_{k}": v for k, v in self._knn(state.params, state.model_state).items()}
+        if state.teacher_params is not None:
+            teacher = self._knn(state.teacher_params, state.teacher_model_state)
+            results.update({f"teacher_knn_{k}": v for k, v in teacher.items()})
+        return results
+
+
+def overrides_config() -> ml_collections.ConfigDict:
+    """The fields `--config.*` may override; None keeps the value of the run's config.json."""
+
+    def keep(field_type):
+        return ml_collections.FieldReference(None, field_type=field_type)
+
+    return ml_collections.ConfigDict(dict(
+        knn=dict(k=keep(int), temperature=keep(float), train_fraction=keep(float),
+                 batch_size=keep(int)),
+        mesh=dict(num_devices=keep(int), fsdp=keep(int)),
+        # backbone="pixels" with --random_init: the raw-pixel baseline on the run's data.
+        model=dict(backbone=keep(str)),
+        data=dict(data_dir=keep(str), folder=keep(str), eval_train_split=keep(str),
+                  eval_split=keep(str)),
+    ))
+
+
+def apply_overrides(config: ml_collections.ConfigDict,
+                    overrides: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict(config.to_dict())
+    for group, fields in overrides.items():
+        for name, value in fields.items():
+            if value is not None:
+                config[group][name] = value
+    return config
+
+
+def knn_eval(workdir: str, overrides: ml_collections.ConfigDict | None = None, *,
+             random_init: bool = False) -> dict[str, float]:
+    """kNN top-1/top-5 of the student (and teacher) of `workdir`; also appended to metrics.jsonl.
+
+    Returns the logged row: `offline_knn_top1`, ..., `offline_teacher_knn_top1`, ... (with
+    `offline_init_` instead of `offline_` for `random_init`), `offline_knn_k` and `step`.
+    """
+    config = checkpoint_lib.read_run_config(workdir)
+    if overrides is not None:
+        config = apply_overrides(config, overrides)
+    mesh = sharding.make_mesh(config)
+    graphdef, state, step = train.restore_run(
+        config, workdir, mesh, fsdp_min_size=config.mesh.fsdp_min_size,
+        random_init=random_init, random_init_flag="--random_init")
+    evaluator = KnnEvaluator(config, graphdef, mesh)
+    prefix = "offline_init_" if random_init else "offline_"
+    results = {prefix + k: v for k, v in evaluator.evaluate(state).items()}
+    results[prefix + "knn_k"] = config.knn.k
+    logger = train.MetricsLogger(workdir, total_steps=step, global_batch=config.knn.batch_size)
+    logger.write(step, results)
+    logger.close()
+    print(f"kNN (k={config.knn.k}, T={config.knn.temperature}) of {workdir} at step {step}"
+          + (" (random init)" if random_init else "") + ": "
+          + "  ".join(f"{k} {v:.2f}" for k, v in results.items() if not k.endswith("_k")),
+          flush=True)
+    return dict(results, step=step)
+
+
+def _main(argv, config_flag, workdir_flag, random_init_flag):
+    del argv
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    try:
+        knn_eval(workdir_flag.value, config_flag.value, random_init=random_init_flag.value)
+    except (ValueError, OSError) as error:
+        print(cli.error_line("bam_jax.evals.knn", error), file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    _config = config_flags.DEFINE_config_dict(
+        "config", overrides_config(), "Overrides of the run's config.json, e.g. --config.knn.k=200")
+    _workdir = flags.DEFINE_string("workdir", None, "A pretraining workdir (python -m "
+                                   "bam_jax.main --workdir).", required=True)
+    _random_init = flags.DEFINE_bool("random_init", False, "Evaluate the same backbone at its "
+                                     "initialisation instead of the newest checkpoint.")
+    app.run(lambda argv: _main(argv, _config, _workdir, _random_init),
+            flags_parser=cli.flags_parser("bam_jax.evals.knn"))

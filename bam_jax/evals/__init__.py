@@ -1,0 +1,1 @@
+"""Evaluations of a pretrained backbone: kNN, the linear probe, and pictures of a run."""

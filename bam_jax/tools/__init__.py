@@ -1,0 +1,1 @@
+"""Tools around a run: weight conversion (timm / safetensors) and benchmarks."""
