@@ -34,7 +34,7 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
         blur_probs=(1.0, 0.1, 0.5),  # first global crop, other global crops, local crops
         blur_sigma=(0.1, 2.0),
         solarize_prob=0.2,  # second (and later) global crops only
-        resize_antialias=True,  # PIL-faithful bicubic; False: ~2x cheaper resizes, some aliasing
+        resize_antialias=True,  # PIL-faithful bicubic; False: cheaper resizes, some aliasing
         eval_resize=256,
         eval_crop_size=224,
         # None: ImageNet's (its channel average for one-channel data)

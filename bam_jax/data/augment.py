@@ -15,7 +15,7 @@ its size, so all random decisions of an image's views are drawn at once (`sample
 and the photometric ops run on a stack of crops [N, H, W, C] (static shape) with one parameter
 per crop, where crops that skip a cheap op get identity parameters instead of a branch each; the
 colour jitter (whose order differs per crop) and the costly blur branch per crop. The input
-pipeline runs every TensorFlow op on one thread (see `input_pipeline`), which is what these
+pipeline runs every TensorFlow op on one thread (see `pipeline`), which is what these
 choices were measured under.
 """
 
@@ -47,7 +47,7 @@ class CropPolicy:
     scale: tuple[float, float]
     blur_prob: float
     solarize_prob: float = 0.0
-    antialias: bool = True  # PIL-like; False resizes ~2x faster at the price of aliasing
+    antialias: bool = True  # PIL-like; False resizes faster at the price of aliasing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,7 +201,7 @@ def resize_bicubic(image: tf.Tensor, size, antialias: bool = True) -> tf.Tensor:
     Antialiased, this is PIL's BICUBIC. uint8 input is taken as 0..255; the bicubic overshoot is
     clipped, as PIL's uint8 output is. The result equals `tf.image.resize(..., "bicubic",
     antialias=antialias)`; antialiased, it is computed as two 1-D passes (see `_resize_rows`),
-    2-3x faster than the 2-D kernel.
+    faster than the 2-D kernel (README, "Input pipeline").
     """
     return _resize_transposed(tf.transpose(image, [1, 0, 2]), size, antialias)
 
@@ -231,7 +231,7 @@ def _per_crop(values: tf.Tensor) -> tf.Tensor:
 
 def _channel_mix(images: tf.Tensor, matrices: tf.Tensor) -> tf.Tensor:
     """Applies a [N, C, C] colour matrix to each crop: one batched matmul, where TensorFlow's
-    broadcasting of a [H, W, 1] plane over [H, W, 3] would be several times slower."""
+    broadcasting of a [H, W, 1] plane over [H, W, 3] is slower."""
     shape = tf.shape(images)
     flat = tf.reshape(images, [shape[0], -1, images.shape[-1]])
     return tf.reshape(tf.matmul(flat, matrices), shape)
@@ -359,7 +359,7 @@ def normalize(image: tf.Tensor, mean: Sequence[float], std: Sequence[float]) -> 
     """(image - mean) / std per channel; one value broadcasts over all channels.
 
     With a static shape the constants are tiled to the image's shape in advance: TensorFlow's CPU
-    kernels broadcast a [C] vector over an [H, W, C] image ~5x slower than they add two tensors
+    kernels broadcast a [C] vector over an [H, W, C] image far slower than they add two tensors
     of the same shape, and this op touches every pixel of every crop.
     """
     mean = np.asarray(mean, np.float32)

@@ -78,16 +78,16 @@ def _run_ops_single_threaded() -> None:
 
     tf.data already spreads whole images over its own threads (`num_parallel_calls`). When each
     op of an image also splits itself over TensorFlow's shared intra-op and inter-op pools, the
-    hand-offs cost more than they save: measured with `bam_jax.tools.benchmark_input`, one pool thread
-    each gives 1.7x (one tf.data thread) to 1.9x (two) the images/s on the same cores.
+    hand-offs cost more than they save (the README's "Input pipeline" results give the gain,
+    measured with `bam_jax.tools.benchmark_input`).
     """
     try:
         tf.config.threading.set_intra_op_parallelism_threads(1)
         tf.config.threading.set_inter_op_parallelism_threads(1)
     except RuntimeError:  # this process ran TensorFlow ops before importing the pipeline
         _LOG.warning("TensorFlow was initialised before bam_jax.data.pipeline was imported, so "
-                     "its ops keep their shared thread pools and the input pipeline runs up to "
-                     "1.9x slower: import bam_jax.data.pipeline before running TensorFlow ops.")
+                     "its ops keep their shared thread pools and the input pipeline runs slower: "
+                     "import bam_jax.data.pipeline before running TensorFlow ops.")
 
 
 _run_ops_single_threaded()

@@ -23,6 +23,7 @@ differently, so a DINO checkpoint matches its PyTorch model at the native size o
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import re
@@ -32,6 +33,7 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from bam_jax import cli, models
@@ -299,20 +301,22 @@ def load_torch_vit(path: str, *, checkpoint_key: str = "teacher", num_heads: int
 # ---------------------------------------------------------------------------------------------
 def save_vit_safetensors(model: models.VisionTransformer, path: str) -> None:
     """Write our ViT under timm names, with `num_heads` in the metadata."""
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
-    save_file(vit_to_timm(model), path,
-              metadata={"format": "timm-vit", "num_heads": str(model.blocks[0].attn.num_heads)})
+    # Bytes through epath, so a gs:// destination works as a local one.
+    epath.Path(path).write_bytes(save(
+        vit_to_timm(model),
+        metadata={"format": "timm-vit", "num_heads": str(model.blocks[0].attn.num_heads)}))
 
 
 def load_vit_safetensors(path: str, *, num_heads: int | None = None,
                          freeze_patch_embed: bool = True) -> models.VisionTransformer:
     """Our ViT from a timm-named safetensors file (ours, or timm's with `num_heads` given)."""
-    from safetensors import safe_open
+    from safetensors.numpy import load
 
-    with safe_open(path, framework="np") as f:
-        metadata = f.metadata() or {}
-        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    raw = epath.Path(path).read_bytes()  # local or gs://
+    tensors = load(raw)
+    metadata = _safetensors_metadata(raw)
     if num_heads is None:
         if "num_heads" not in metadata:
             raise ValueError(f"{path} does not record num_heads; pass it")
@@ -321,6 +325,12 @@ def load_vit_safetensors(path: str, *, num_heads: int | None = None,
                                   freeze_patch_embed=freeze_patch_embed)
     _report_unused(path, unused)
     return model
+
+
+def _safetensors_metadata(raw: bytes) -> dict[str, str]:
+    """The `__metadata__` of a safetensors file: its header is 8 bytes of length, then JSON."""
+    header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+    return header.get("__metadata__") or {}
 
 
 # ---------------------------------------------------------------------------------------------
