@@ -36,15 +36,16 @@ def flags_parser(program: str) -> Callable[[list[str]], list[str]]:
         _name_config_file_errors()
         try:
             return flags.FLAGS(argv)
-        except (flags.Error, AttributeError, KeyError) as error:
-            text = str(error).strip()
-            if not isinstance(error, flags.Error):  # ml_collections: only the missing field
-                text = text.strip("\"'")
-                names = [arg.split("=")[0] for arg in argv[1:] if arg.startswith("--config.")
-                         and text in arg.split("=")[0].split(".")]
-                text = f"{names[0] if names else text}: no such config field"
-            print(f"{program}: error: {text.splitlines()[0] if text else repr(error)}",
-                  file=sys.stderr, flush=True)
+        except flags.Error as error:
+            print(error_line(program, error), file=sys.stderr, flush=True)
+            sys.exit(2)
+        except (AttributeError, KeyError) as error:  # ml_collections: only the missing field
+            field = str(error).strip().strip("\"'")
+            names = [arg.split("=")[0] for arg in argv[1:] if arg.startswith("--config.")
+                     and field in arg.split("=")[0].split(".")]
+            print(error_line(program, ValueError(
+                f"{names[0] if names else field}: no such config field")),
+                file=sys.stderr, flush=True)
             sys.exit(2)
 
     return parse
