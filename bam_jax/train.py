@@ -44,7 +44,7 @@ class NonFiniteLossError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. Schedules (per step, as the official cosine_scheduler, written as functions of the step).
+# 1. Schedules (per step, as the official cosine_scheduler, written as functions of the step).
 # ---------------------------------------------------------------------------------------------
 def cosine_schedule(base: float, final: float, total_steps: int, warmup_steps: int = 0,
                     warmup_start: float = 0.0) -> Callable[[jax.Array], jax.Array]:
@@ -168,7 +168,7 @@ def set_hyperparams(opt_state, learning_rate, weight_decay):
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. The train state and its sharded initialisation.
+# 2. The train state and its sharded initialisation.
 # ---------------------------------------------------------------------------------------------
 @flax.struct.dataclass
 class TrainState:
@@ -241,7 +241,7 @@ def state_layout(create_model: Callable[[], nnx.Module], optimizer: optax.Gradie
                        sharding.state_shardings(abstract_state, mesh, fsdp_min_size))
 
 # ---------------------------------------------------------------------------------------------
-# 4. The train step.
+# 3. The train step.
 # ---------------------------------------------------------------------------------------------
 def loss_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """The `bam_loss` arguments a run's config fixes; `sinkhorn_reg` follows its schedule.
@@ -315,7 +315,7 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. Logging: clu writers (TensorBoard), a console line, and metrics.jsonl.
+# 4. Logging: clu writers (TensorBoard), a console line, and metrics.jsonl.
 # ---------------------------------------------------------------------------------------------
 def pretraining_line(metrics: dict[str, float]) -> str:
     """The console line's middle part for a BAM step."""
@@ -388,7 +388,7 @@ def _format_seconds(seconds: float) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# 6. The loop.
+# 5. The loop.
 # ---------------------------------------------------------------------------------------------
 def total_train_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
     """`num_train_steps` when set, else `num_epochs` of `steps_per_epoch`."""
@@ -631,8 +631,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, signals
 
     def next_batch():
         nonlocal first_batch
-        batch, first_batch = (first_batch, None) if first_batch is not None else (
-            next(batches), None)
+        if first_batch is None:
+            return next(batches)
+        batch, first_batch = first_batch, None
         return batch
 
     def after_step(step: int, state: TrainState, is_last: bool) -> dict[str, Any]:
