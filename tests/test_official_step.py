@@ -510,7 +510,7 @@ def given_state(create, optimizer):
     def draw(path, leaf, teacher_of=None):
         name = jax.tree_util.keystr(path)
         if "pos_embed" in name:  # the fixed sin-cos table
-            return models.sincos_pos_embed(GLOBAL_SIZE // PATCH, GLOBAL_SIZE // PATCH, WIDTH)
+            return models.vit.sincos_pos_embed(GLOBAL_SIZE // PATCH, GLOBAL_SIZE // PATCH, WIDTH)
         if "patch" in name:  # the frozen random projection, shared by student and teacher
             return np.asarray(teacher_of) if teacher_of is not None else rng.uniform(
                 -0.15, 0.15, leaf.shape).astype(np.float32)
