@@ -9,22 +9,18 @@ cosine schedules, weight decay 0.04 -> 0.4 and clipping 0.3. docs/recipes.md say
 from the official recipe and why; README.md has the measured result.
 """
 
-from configs import common
+from configs import common, default
 
 
 def get_config():
+    digits = default.get_config()
     config = common.base_config()
     config.seed = 0
     config.batch_size = 128
     config.num_epochs = 30
-    config.data = common.data_config(
-        source="mnist_bundled", eval_train_split="train", eval_split="test",
-        global_crop_size=28, global_crops_scale=(0.4, 1.0),
-        local_crops_number=4, local_crop_size=16, local_crops_scale=(0.2, 0.5),
-        color_jitter_prob=0.0, grayscale_prob=0.0, solarize_prob=0.0,
-        flip_prob=0.0,  # digits are not mirror-symmetric
-        blur_probs=(0.5, 0.1, 0.2), blur_sigma=(0.1, 1.0),
-        eval_resize=28, eval_crop_size=28)
+    # The default's digits, with local crops: 16 px at scale (0.2, 0.5).
+    config.data = digits.data
+    config.data.update(local_crops_number=4, local_crop_size=16, local_crops_scale=(0.2, 0.5))
     config.model = common.model_config(
         backbone="vit", vit_variant="custom", width=128, depth=4, num_heads=4, patch_size=4,
         dtype="float32",
@@ -34,8 +30,7 @@ def get_config():
                        top_k=16)
     config.teacher.update(enabled=True, momentum=0.99, momentum_final=1.0)
     config.optimizer.update(base_lr=1e-3, min_lr=1e-5, warmup_epochs=3)
-    # The whole 4,000-digit bank (the official 10 % would leave 40 digits a class).
-    config.knn.update(eval_at_start=True, every_epochs=10, batch_size=500, train_fraction=1.0)
+    config.knn = digits.knn  # the whole 4,000-digit bank
     config.ccrop.enabled = False  # a digit fills its image: nothing to localise
     config.log_every_steps = 10
     config.checkpoint_every_steps = 200
