@@ -20,6 +20,7 @@ class ConvNet(nnx.Module):
         if norm not in ('batch', 'group'):
             raise ValueError(f'unknown convnet norm {norm!r}')
         self.embed_dim = channels[-1]
+        self.strides = tuple(strides)
         self.norm_kind = norm
         convs, norms = [], []
         c_in = in_channels
@@ -49,6 +50,15 @@ class ConvNet(nnx.Module):
     def __call__(self, x, *, deterministic: bool = True) -> jax.Array:
         """Images [B,H,W,C] -> pooled feature [B, channels[-1]] (float32)."""
         return self._feature_map(x, deterministic).mean(axis=(1, 2)).astype(jnp.float32)
+
+    @property
+    def feature_stride(self) -> int:
+        return math.prod(self.strides)
+
+    def patch_features(self, x) -> jax.Array:
+        """Eval-mode last feature map [B, h, w, channels[-1]] (float32): per-location features
+        for video segmentation."""
+        return self._feature_map(x, True).astype(jnp.float32)
 
     def spatial_map(self, x) -> jax.Array:
         """Where the model looks [B, h, w]: the last feature map summed over channels (the

@@ -265,6 +265,17 @@ class VisionTransformer(nnx.Module):
             feats.append(outs[-1][:, 1:].mean(axis=1))
         return jnp.concatenate(feats, axis=-1).astype(jnp.float32)
 
+    @property
+    def feature_stride(self) -> int:
+        return self.patch_size
+
+    def patch_features(self, x) -> jax.Array:
+        """Eval-mode patch tokens of the last block after the final norm [B, gh, gw, width]
+        (the official video segmentation's `get_intermediate_layers(n=1, norm=True)`)."""
+        (tokens,) = self._forward(x, True, 1)
+        patches = self.norm(tokens)[:, 1:].astype(jnp.float32)
+        return patches.reshape(x.shape[0], x.shape[1] // self.patch_size, -1, self.embed_dim)
+
     def last_self_attention(self, x) -> jax.Array:
         """Attention probabilities of the last block [B, heads, N, N] (CLS row 0), for DINO-style maps."""
         x = self._embed(x)
