@@ -263,3 +263,18 @@ def test_vit_patch_features_are_the_normed_last_block_patch_tokens():
     assert patches.shape == (2, 6, 4, 32) and model.feature_stride == 8
     pooled = model.features(images, avgpool=True)[:, 32:]
     np.testing.assert_allclose(patches.mean(axis=(1, 2)), pooled, rtol=1e-5, atol=1e-5)
+
+
+def test_tfds_davis_reader(tmp_path):
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=2, policy=tfds.testing.MockPolicy.USE_CODE):
+        sequences = list(video.read_davis_tfds("davis/480p", "validation", None))
+        assert len(sequences) == 2 and sequences[0].name != sequences[1].name
+        assert sequences[0].frames.ndim == 4 and sequences[0].frames.shape[-1] == 3
+        assert sequences[0].masks.ndim == 3 and sequences[0].masks.dtype == np.uint8
+        named = list(video.read_davis_tfds("davis/480p", "validation", None,
+                                           (sequences[1].name,)))
+        assert [s.name for s in named] == [sequences[1].name]
+    with pytest.raises(ValueError, match="is not prepared in .*tfds build davis/480p"):
+        list(video.read_davis_tfds("davis/480p", "validation", str(tmp_path)))
