@@ -132,14 +132,10 @@ def write_davis_folder(sequences: list[Sequence], root: str, split: str = "val")
             write_indexed_png(mask_dir / f"{t:05d}.png", mask)
 
 
-def read_davis_folder(root: str, split: str = "val",
-                      sequences: tuple[str, ...] = ()) -> Iterator[Sequence]:
-    """The sequences of `<root>/ImageSets/2017/<split>.txt` (or only `sequences`), one at a time.
-
-    Every frame needs its annotation (DAVIS-2017 train/val have them all: J and F are computed
-    on every frame but the first and the last)."""
-    root = epath.Path(root)
-    listing = root / "ImageSets" / "2017" / f"{split}.txt"
+def davis_folder_names(root: str, split: str = "val",
+                       sequences: tuple[str, ...] = ()) -> list[str]:
+    """The sequence names of `<root>/ImageSets/2017/<split>.txt` (only `sequences` if given)."""
+    listing = epath.Path(root) / "ImageSets" / "2017" / f"{split}.txt"
     if not listing.exists():
         raise ValueError(f"{listing} not found: --config.video.folder must be a DAVIS-2017 root "
                          f"(ImageSets/2017, JPEGImages/480p, Annotations/480p)")
@@ -147,9 +143,17 @@ def read_davis_folder(root: str, split: str = "val",
     unknown = sorted(set(sequences) - set(names))
     if unknown:
         raise ValueError(f"sequences {unknown} are not in {listing}; pick from {names[:5]}…")
-    for name in names:
-        if sequences and name not in sequences:
-            continue
+    return [name for name in names if not sequences or name in sequences]
+
+
+def read_davis_folder(root: str, split: str = "val",
+                      sequences: tuple[str, ...] = ()) -> Iterator[Sequence]:
+    """The sequences of `davis_folder_names`, one at a time.
+
+    Every frame needs its annotation (DAVIS-2017 train/val have them all: J and F are computed
+    on every frame but the first and the last)."""
+    root = epath.Path(root)
+    for name in davis_folder_names(str(root), split, sequences):
         frame_paths = sorted((root / "JPEGImages" / "480p" / name).glob("*.jpg"))
         if not frame_paths:
             raise ValueError(f"no frames in {root / 'JPEGImages' / '480p' / name}")

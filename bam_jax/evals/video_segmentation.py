@@ -217,17 +217,21 @@ def _frame_size(height: int, width: int, short_side: int) -> tuple[int, int]:
 
 
 def _sequences(config: ml_collections.ConfigDict):
+    """(number of sequences or None where unknown, the sequences one at a time)."""
     cfg = config.video
     names = tuple(n.strip() for n in cfg.sequences.split(",") if n.strip())
     if cfg.source == "synthetic":
         sequences = video.synthetic_digit_videos(
             num_sequences=cfg.synthetic_sequences, num_frames=cfg.synthetic_frames,
             size=cfg.synthetic_size, seed=config.seed)
-        return [s for s in sequences if not names or s.name in names]
+        sequences = [s for s in sequences if not names or s.name in names]
+        return len(sequences), sequences
     if cfg.source == "folder":
-        return video.read_davis_folder(cfg.folder, cfg.split, names)
+        return (len(video.davis_folder_names(cfg.folder, cfg.split, names)),
+                video.read_davis_folder(cfg.folder, cfg.split, names))
     if cfg.source == "tfds":
-        return video.read_davis_tfds(cfg.tfds_name, cfg.split, cfg.data_dir, names)
+        return (len(names) or None,
+                video.read_davis_tfds(cfg.tfds_name, cfg.split, cfg.data_dir, names))
     raise ValueError(f"unknown --config.video.source {cfg.source!r}; use 'synthetic', 'folder' "
                      f"or 'tfds'")
 
@@ -363,7 +367,8 @@ def evaluate(workdir: str, overrides: ml_collections.ConfigDict | None = None, *
     out.mkdir(parents=True, exist_ok=True)
     rows, j_all, f_all = [], [], []
     start = time.time()
-    for count, sequence in enumerate(_sequences(config), 1):
+    total, sequences = _sequences(config)
+    for count, sequence in enumerate(sequences, 1):
         predictions = segment_sequence(sequence, features, config, channels, mean, std)
         (out / sequence.name).mkdir(exist_ok=True)
         for t, mask in enumerate(predictions):
@@ -374,8 +379,10 @@ def evaluate(workdir: str, overrides: ml_collections.ConfigDict | None = None, *
         j_all.extend(j)
         f_all.extend(f_measure)
         rows.extend((sequence.name, obj + 1, j[obj], f_measure[obj]) for obj in range(len(j)))
-        print(f"[{count}] {sequence.name}: {len(predictions)} frames, J {j.mean():.3f} "
-              f"F {f_measure.mean():.3f} ({time.time() - start:.0f} s)", flush=True)
+        elapsed = time.time() - start
+        eta = f", ETA {elapsed / count * (total - count):.0f} s" if total else ""
+        print(f"[{count}/{total or '?'}] {sequence.name}: {len(predictions)} frames, J "
+              f"{j.mean():.3f} F {f_measure.mean():.3f} ({elapsed:.0f} s{eta})", flush=True)
     if not j_all:
         raise ValueError("no sequence with an object to evaluate; check --config.video.sequences "
                          "and the first frames' annotations")
