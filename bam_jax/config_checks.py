@@ -127,7 +127,7 @@ RULES: list[tuple[Callable[[ConfigDict], bool], Rows]] = [
         ("optimizer.momentum", PROBABILITY, 0.9),
         ("mesh.num_devices", Check(">= 0 (0: all devices)", lambda v, c: v >= 0), 0),
         ("mesh.fsdp", at_least(1), 1),
-        ("model.backbone", one_of("vit", "convnet", "pixels"), "vit"),
+        ("model.backbone", one_of("vit", "caformer", "convnet", "pixels"), "vit"),
         ("model.dtype", DTYPES, "bfloat16"),
         ("model.param_dtype", DTYPES, "float32"),
         ("model.projector.n_layers", at_least(1), 3),
@@ -157,6 +157,16 @@ RULES: list[tuple[Callable[[ConfigDict], bool], Rows]] = [
                               "model.num_heads={c.model.num_heads}",
                               lambda v, c: v > 0 and v % 4 == 0 and v % c.model.num_heads == 0),
          lambda c: 64 * c.model.num_heads),
+    ]),
+    (lambda c: c.model.backbone == "caformer", [
+        ("model.caformer.variant", one_of("s18", "s36", "m36", "b36", "custom"), "m36"),
+        ("model.caformer.act", one_of("gelu", "starrelu"), "gelu"),
+        ("model.caformer.remat_every", Check(">= 0 (0: no remat)", lambda v, c: v >= 0), 4),
+        ("model.drop_path_rate", within(0, 1, open_high=True), 0.0),
+    ]),
+    (lambda c: c.model.backbone == "caformer" and c.model.caformer.variant == "custom", [
+        ("model.caformer.depths", sequence(at_least(1), 4), (3, 12, 18, 3)),
+        ("model.caformer.dims", sequence(at_least(1), 4), (96, 192, 384, 576)),
     ]),
     (lambda c: c.model.backbone == "convnet", [
         ("model.convnet.channels", sequence(at_least(1)), (32, 64, 128, 256)),

@@ -453,7 +453,7 @@ _FREE_ON_RESUME = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoint
                    "async_checkpointing", "skip_nonfinite_steps", "stop_check_every_steps",
                    "allow_changed_fields", "mesh", "knn", "data.data_dir", "data.folder",
                    "data.num_parallel_calls", "data.threadpool_size", "model.remat",
-                   "ccrop.batch_size")
+                   "model.caformer.remat_every", "ccrop.batch_size")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:

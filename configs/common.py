@@ -51,7 +51,8 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
 def model_config(**overrides) -> ml_collections.ConfigDict:
     """`config.model`: backbone + projector (official models/vit.py and models/heads.py)."""
     model = ml_collections.ConfigDict(dict(
-        backbone="vit",  # "vit" | "convnet" | "pixels" (the raw-pixel baseline, no parameters)
+        # "vit" | "caformer" | "convnet" | "pixels" (the raw-pixel baseline, no parameters)
+        backbone="vit",
         vit_variant="small",  # "tiny" | "small" | "base" | "large" | "custom"
         # width, depth, num_heads: used when vit_variant="custom" (a preset fixes all three)
         width=384,
@@ -69,6 +70,19 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
             n_layers=3, hidden_dim=4096, out_dim=4096, act="gelu",  # "gelu" | "relu"
             use_bn=False, last_bn=False,
             bias=True)),
+        # CAFormer (official models/metaformer.py, built as utils.get_arch does). drop_path_rate
+        # above applies to it too; qkv_bias, remat and the ViT fields do not.
+        caformer=ml_collections.ConfigDict(dict(
+            variant="m36",  # "s18" | "s36" | "m36" | "b36" | "custom"
+            # used when variant="custom" (a preset fixes both): blocks and width per stage
+            depths=(3, 12, 18, 3), dims=(96, 192, 384, 576),
+            # The official BAM builder: GELU in the MLPs and SepConvs, no res-scales.
+            # "starrelu" + res_scale=True: timm's original CAFormer (its ImageNet weights).
+            act="gelu",  # "gelu" | "starrelu"
+            res_scale=False,
+            qkv_bias=False,  # the builder never passes --qkv_bias to a CAFormer
+            remat_every=0,  # > 0: rematerialise each stage's blocks in groups of this many
+        )),
         convnet=ml_collections.ConfigDict(dict(
             channels=(32, 64, 128, 256), strides=(1, 2, 2, 1),
             norm="batch")),  # "batch" | "group"

@@ -43,7 +43,7 @@ class BoxUpdater:
         self.image_size = config.ccrop.image_size or config.data.global_crop_size
 
         def boxes(params, model_state, images):
-            maps = nnx.merge(graphdef, params, model_state).spatial_map(images)
+            maps = nnx.merge(graphdef, params, model_state, copy=True).spatial_map(images)
             return contrastive_crop.boxes_from_maps(
                 maps, (self.image_size, self.image_size), config.ccrop.box_thresh)
 

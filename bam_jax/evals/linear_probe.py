@@ -90,7 +90,10 @@ def make_feature_fn(config: ml_collections.ConfigDict, backbone_graphdef: nnx.Gr
     """Frozen, eval-mode backbone features of a batch of images (the official feature choice)."""
 
     def features(backbone, images):
-        model = nnx.merge(backbone_graphdef, *backbone)
+        # copy=True: fresh variables at this trace level. Without it a rematerialised backbone
+        # (ViT remat, CAFormer remat_every) fails: nnx.remat may not mutate variables that were
+        # created at another trace level (the backbone arrays are constants of the step).
+        model = nnx.merge(backbone_graphdef, *backbone, copy=True)
         out = model.backbone.features(images, n_last_blocks=config.n_last_blocks,
                                       avgpool=config.avgpool)
         return jax.lax.stop_gradient(out)

@@ -3,7 +3,8 @@
 Writes PNG files into DIR (matplotlib, Agg backend):
   curves.png     loss and kNN top-1 against the step, from metrics.jsonl;
   attention.png  the CLS self-attention of the last block, per head, over a few eval images, as
-                 DINO shows them (ViT only; the teacher's weights when the run has a teacher);
+                 DINO shows them (ViT); for a CAFormer the attention each token of the last stage
+                 receives in its last block (the teacher's weights when the run has a teacher);
   target.png     for one batch of training crops, the balanced BAM target P (Sinkhorn) beside
                  the source softmax A, over the global views of the batch;
   boxes.png      ContrastiveCrop runs: training images with the boxes of the newest checkpoint.
@@ -68,9 +69,13 @@ def _show(ax, image):
 
 
 def plot_attention(config, graphdef, weights, workdir: str, num_images: int = 4) -> str | None:
-    """attention.png: per head, the last block's CLS attention to the patches over the image."""
+    """attention.png, per head over a few eval images. ViT: the last block's CLS attention to the
+    patches (DINO's picture). CAFormer: the attention each token of the last stage receives in
+    its last block, averaged over the queries (the official `get_selfattention`), on that
+    stage's grid (7 x 7 at 224 px)."""
     model = nnx.merge(graphdef, *weights)
-    if not isinstance(model.backbone, models.VisionTransformer):
+    backbone = model.backbone
+    if not isinstance(backbone, (models.VisionTransformer, models.CAFormer)):
         print(f"attention maps: skipped, the {config.model.backbone} backbone has no "
               f"self-attention", flush=True)
         return None
@@ -79,26 +84,33 @@ def plot_attention(config, graphdef, weights, workdir: str, num_images: int = 4)
         data, data.eval_split, global_batch_size=num_images, process_index=0,
         process_count=1).as_numpy_iterator())
     images = batch["image"]
-    attention = jax.jit(lambda w, x: nnx.merge(graphdef, *w).backbone.last_self_attention(x))(
-        weights, images)
-    patch = model.backbone.patch_size
-    grid_h, grid_w = images.shape[1] // patch, images.shape[2] // patch
-    cls = np.asarray(attention)[:, :, 0, 1:].reshape(len(images), -1, grid_h, grid_w)
-    heads = cls.shape[1]
+    if isinstance(backbone, models.CAFormer):
+        maps = np.asarray(jax.jit(
+            lambda w, x: nnx.merge(graphdef, *w).backbone.received_attention(x))(weights, images))
+        extent = (0, images.shape[2], images.shape[1], 0)  # the grid covers the whole image
+        title = "attention each last-stage token receives in the last block (mean over queries)"
+    else:
+        attention = jax.jit(
+            lambda w, x: nnx.merge(graphdef, *w).backbone.last_self_attention(x))(weights, images)
+        patch = backbone.patch_size
+        grid_h, grid_w = images.shape[1] // patch, images.shape[2] // patch
+        maps = np.asarray(attention)[:, :, 0, 1:].reshape(len(images), -1, grid_h, grid_w)
+        extent = (0, grid_w * patch, grid_h * patch, 0)
+        title = "CLS self-attention of the last block"
+    heads = maps.shape[1]
     pixels = _unnormalize(images, data)
     fig, axes = plt.subplots(len(images), heads + 1, figsize=(2 * (heads + 1), 2 * len(images)),
                              squeeze=False)
-    extent = (0, grid_w * patch, grid_h * patch, 0)
     for i in range(len(images)):
         _show(axes[i, 0], pixels[i])
         for h in range(heads):
             _show(axes[i, h + 1], pixels[i])
-            axes[i, h + 1].imshow(cls[i, h], cmap="inferno", alpha=0.6, extent=extent,
+            axes[i, h + 1].imshow(maps[i, h], cmap="inferno", alpha=0.6, extent=extent,
                                   interpolation="nearest")
             if i == 0:
                 axes[i, h + 1].set_title(f"head {h}")
     axes[0, 0].set_title("image")
-    fig.suptitle("CLS self-attention of the last block")
+    fig.suptitle(title)
     return _save(fig, workdir, "attention.png")
 
 

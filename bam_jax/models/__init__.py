@@ -23,11 +23,12 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from bam_jax.models.caformer import CAFORMER_PRESETS, CAFormer
 from bam_jax.models.convnet import ConvNet, Pixels
 from bam_jax.models.projector import Projector
 from bam_jax.models.vit import VIT_PRESETS, Frozen, VisionTransformer
 
-__all__ = ["BAMModel", "ConvNet", "Frozen", "Pixels", "Projector", "VIT_PRESETS", "VisionTransformer",
+__all__ = ["BAMModel", "CAFORMER_PRESETS", "CAFormer", "ConvNet", "Frozen", "Pixels", "Projector", "VIT_PRESETS", "VisionTransformer",
            "build_model"]
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
@@ -43,7 +44,8 @@ class BAMModel(nnx.Module):
     devices stays sharded the same way.
     """
 
-    def __init__(self, backbone: VisionTransformer | ConvNet, projector: Projector):
+    def __init__(self, backbone: VisionTransformer | CAFormer | ConvNet | Pixels,
+                 projector: Projector):
         self.backbone = backbone
         self.projector = projector
 
@@ -67,8 +69,8 @@ class BAMModel(nnx.Module):
         """The backbone's eval-mode spatial map [B, h, w], for ContrastiveCrop boxes."""
         if not hasattr(self.backbone, 'spatial_map'):
             raise ValueError(f'ContrastiveCrop needs a spatial map, which the '
-                             f'{type(self.backbone).__name__} backbone has not; use a ViT or '
-                             f'ConvNet backbone or set --config.ccrop.enabled=False')
+                             f'{type(self.backbone).__name__} backbone has not; use a ViT, CAFormer '
+                             f'or ConvNet backbone or set --config.ccrop.enabled=False')
         return self.backbone.spatial_map(images)
 
 
@@ -93,6 +95,18 @@ def build_model(model_config: ml_collections.ConfigDict, *, num_channels: int, i
             depth=depth, num_heads=heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias,
             drop_path_rate=cfg.drop_path_rate, freeze_patch_embed=cfg.freeze_patch_embed,
             remat=cfg.remat, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    elif cfg.backbone == 'caformer':
+        c = cfg.caformer
+        if c.variant == 'custom':
+            depths, dims = tuple(c.depths), tuple(c.dims)
+        elif c.variant in CAFORMER_PRESETS:
+            depths, dims = CAFORMER_PRESETS[c.variant]
+        else:
+            raise ValueError(f'unknown caformer variant {c.variant!r}')
+        backbone = CAFormer(
+            in_channels=num_channels, depths=depths, dims=dims, act=c.act, res_scale=c.res_scale,
+            qkv_bias=c.qkv_bias, drop_path_rate=cfg.drop_path_rate, remat_every=c.remat_every,
+            dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     elif cfg.backbone == 'convnet':
         backbone = ConvNet(in_channels=num_channels, channels=tuple(cfg.convnet.channels),
                            strides=tuple(cfg.convnet.strides), norm=cfg.convnet.norm,

@@ -1,4 +1,4 @@
-"""ViT weights between bam_jax and PyTorch (official BAM, DINO, timm key names).
+"""ViT and CAFormer weights between bam_jax and PyTorch (official BAM, DINO, timm key names).
 
 Import an official BAM / DINO checkpoint into a safetensors file that bam_jax loads:
     python -m bam_jax.tools.convert --torch_checkpoint=checkpoint.pth --checkpoint_key=teacher \
@@ -12,6 +12,18 @@ patch_embed.proj.weight [D, C, p, p], blocks.i.{norm1, attn.qkv, attn.proj, norm
 mlp.fc2}, norm) plus `num_heads` in its metadata, since heads cannot be read off the weights. In
 timm: `m = timm.create_model("vit_small_patch16_224", num_classes=0, num_heads=12,
 dynamic_img_size=True); m.load_state_dict(safetensors.torch.load_file(path))`.
+
+CAFormer (`--arch=caformer`): official BAM CAFormer checkpoints and timm `caformer_*` state dicts
+(timm key names: stem.conv, stem.norm, stages.i.downsample.{norm,conv},
+stages.i.blocks.j.{norm1, token_mixer.{pwconv1, act1, dwconv, pwconv2 | qkv, proj}, res_scale1,
+norm2, mlp.{fc1, act, fc2}, res_scale2}, head.norm) import into our `models.CAFormer`; depths,
+widths, the activation (GELU, or StarReLU when `act.scale` tensors are present), res-scales and
+qkv bias are read off the keys and shapes; timm's classifier (`head.fc.*`) is reported and left
+out. Export writes the same names (metadata: `format=timm-caformer`, depths, dims, act,
+res_scale). In timm: `timm.create_model("caformer_m36", num_classes=0, mlp_act=nn.GELU,
+act1_layer=nn.GELU, res_scale_init_values=(None,) * 4)` for a BAM-recipe model.
+    python -m bam_jax.tools.convert --arch=caformer --torch_checkpoint=checkpoint.pth \
+        --output=bam_caformer_m36.safetensors
 
 Crop sizes: `models.VisionTransformer` resamples the position table for other crop sizes with
 torch's antialiased bicubic, as the official BAM ViT (timm `resample_abs_pos_embed`) does, so
@@ -200,7 +212,153 @@ def _summarise(keys: list[str]) -> str:
 
 def _report_unused(source: str, keys: list[str]) -> None:
     if keys:
-        _LOG.warning("%s: not part of the ViT backbone, not imported: %s", source, _summarise(keys))
+        _LOG.warning("%s: not part of the backbone, not imported: %s", source, _summarise(keys))
+
+
+# ---------------------------------------------------------------------------------------------
+# timm names <-> our CAFormer.
+# ---------------------------------------------------------------------------------------------
+_CAFORMER_BACKBONE_NAMES = ("stem", "stages")
+
+
+def _caformer_layout(depths, dims, *, act: str, res_scale: bool, qkv_bias: bool
+                     ) -> list[tuple[str, tuple, str]]:
+    """(timm key, nnx path, kind) for every CAFormer tensor. Kinds: "conv" (OIHW -> HWIO),
+    "pw" (a 1x1 conv [out, in, 1, 1] -> Dense [in, out]), "linear", "same"."""
+    table = [("stem.conv.weight", ("stem", "conv", "kernel"), "conv"),
+             ("stem.conv.bias", ("stem", "conv", "bias"), "same"),
+             ("stem.norm.weight", ("stem", "norm", "scale"), "same")]
+    for i, (depth, dim) in enumerate(zip(depths, dims)):
+        stage, path = f"stages.{i}", ("stages", i)
+        if i > 0 and dims[i - 1] != dim:
+            table += [(f"{stage}.downsample.norm.weight", (*path, "downsample", "norm", "scale"),
+                       "same"),
+                      (f"{stage}.downsample.conv.weight", (*path, "downsample", "conv", "kernel"),
+                       "conv"),
+                      (f"{stage}.downsample.conv.bias", (*path, "downsample", "conv", "bias"),
+                       "same")]
+        attention = models.caformer.MIXERS[i] == "attention"
+        dense = "linear" if attention else "pw"
+        for j in range(depth):
+            key, block = f"{stage}.blocks.{j}", (*path, "blocks", j)
+            rows = [("norm1.weight", ("norm1", "scale"), "same")]
+            if attention:
+                rows += [("token_mixer.qkv.weight", ("token_mixer", "qkv", "kernel"), "linear"),
+                         ("token_mixer.proj.weight", ("token_mixer", "proj", "kernel"), "linear")]
+                if qkv_bias:
+                    rows.append(("token_mixer.qkv.bias", ("token_mixer", "qkv", "bias"), "same"))
+            else:
+                rows += [("token_mixer.pwconv1.weight", ("token_mixer", "pwconv1", "kernel"), "pw"),
+                         ("token_mixer.dwconv.weight", ("token_mixer", "dwconv", "kernel"), "conv"),
+                         ("token_mixer.pwconv2.weight", ("token_mixer", "pwconv2", "kernel"), "pw")]
+                if act == "starrelu":
+                    rows += [("token_mixer.act1.scale", ("token_mixer", "act1", "scale"), "same"),
+                             ("token_mixer.act1.bias", ("token_mixer", "act1", "bias"), "same")]
+            rows += [("norm2.weight", ("norm2", "scale"), "same"),
+                     ("mlp.fc1.weight", ("mlp", "fc1", "kernel"), dense),
+                     ("mlp.fc2.weight", ("mlp", "fc2", "kernel"), dense)]
+            if act == "starrelu":
+                rows += [("mlp.act.scale", ("mlp", "act", "scale"), "same"),
+                         ("mlp.act.bias", ("mlp", "act", "bias"), "same")]
+            if res_scale and attention:
+                rows += [("res_scale1.scale", ("res_scale1", "scale"), "same"),
+                         ("res_scale2.scale", ("res_scale2", "scale"), "same")]
+            table += [(f"{key}.{name}", (*block, *sub), kind) for name, sub, kind in rows]
+    table += [("head.norm.weight", ("head_norm", "scale"), "same"),
+              ("head.norm.bias", ("head_norm", "bias"), "same")]
+    return table
+
+
+def _caformer_kind_to_ours(kind: str, value: np.ndarray) -> np.ndarray:
+    if kind == "conv":
+        return value.transpose(2, 3, 1, 0)
+    if kind == "pw":
+        return value.reshape(value.shape[0], value.shape[1]).T
+    if kind == "linear":
+        return value.T
+    return value
+
+
+def _caformer_kind_to_timm(kind: str, value: np.ndarray) -> np.ndarray:
+    if kind == "conv":
+        return value.transpose(3, 2, 0, 1)
+    if kind == "pw":
+        return value.T[:, :, None, None]
+    if kind == "linear":
+        return value.T
+    return value
+
+
+def is_caformer_state(tensors: Mapping[str, np.ndarray]) -> bool:
+    return "stem.conv.weight" in tensors and any(k.startswith("stages.") for k in tensors)
+
+
+def caformer_from_timm(tensors: Mapping[str, np.ndarray], *, remat_every: int = 0
+                       ) -> tuple[models.CAFormer, list[str]]:
+    """Our CAFormer holding timm-named tensors; returns it and the keys it did not use.
+
+    Everything is read off the keys and shapes. Raises ValueError (one line) when a required key
+    is missing, a shape disagrees, or a backbone key (stem.*, stages.*, head.norm.*) has no
+    counterpart here (layer-scales, res-scales in the conv stages).
+    """
+    if "stem.conv.weight" not in tensors:
+        raise ValueError(f"no 'stem.conv.weight' among the {len(tensors)} tensors: not a timm/BAM "
+                         f"CAFormer state dict (first keys: {', '.join(sorted(tensors)[:5])})")
+    channels = tensors["stem.conv.weight"].shape[1]
+    depths, dims = [], []
+    for i in range(len(models.caformer.MIXERS)):
+        blocks = [int(m.group(1)) for k in tensors
+                  if (m := re.match(rf"stages\.{i}\.blocks\.(\d+)\.norm1\.weight$", k))]
+        if not blocks:
+            raise ValueError(f"no stages.{i}.blocks.*: a CAFormer has "
+                             f"{len(models.caformer.MIXERS)} stages")
+        depths.append(max(blocks) + 1)
+        dims.append(tensors[f"stages.{i}.blocks.0.norm1.weight"].shape[0])
+    act = "starrelu" if "stages.0.blocks.0.token_mixer.act1.scale" in tensors else "gelu"
+    res_scale = "stages.3.blocks.0.res_scale1.scale" in tensors
+    qkv_bias = "stages.3.blocks.0.token_mixer.qkv.bias" in tensors
+    layout = _caformer_layout(depths, dims, act=act, res_scale=res_scale, qkv_bias=qkv_bias)
+    missing = [key for key, _, _ in layout if key not in tensors]
+    if missing:
+        raise ValueError(f"the checkpoint lacks {len(missing)} required CAFormer key(s): "
+                         f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+    used = {key for key, _, _ in layout}
+    unsupported = sorted(k for k in tensors if k not in used and (
+        k.split(".")[0] in _CAFORMER_BACKBONE_NAMES or k.startswith("head.norm.")))
+    if unsupported:
+        raise ValueError(f"backbone tensors this CAFormer cannot represent: "
+                         f"{', '.join(unsupported[:8])}")
+    model = nnx.eval_shape(lambda: models.CAFormer(
+        in_channels=channels, depths=depths, dims=dims, act=act, res_scale=res_scale,
+        qkv_bias=qkv_bias, remat_every=remat_every, rngs=nnx.Rngs(0)))
+    for key, path, kind in layout:
+        variable = _variable(model, path)
+        value = _caformer_kind_to_ours(kind, np.asarray(tensors[key], np.float32))
+        if value.shape != variable.get_value().shape:
+            raise ValueError(f"{key}: shape {tensors[key].shape} does not fit a CAFormer of "
+                             f"depths {tuple(depths)}, dims {tuple(dims)}")
+        variable.set_value(jnp.asarray(value))
+    return model, sorted(k for k in tensors if k not in used)
+
+
+def _caformer_options(model: models.CAFormer) -> dict:
+    first = model.stages[0].blocks[0]
+    last = model.stages[-1].blocks[0]
+    return dict(act="gelu" if first.mlp.act is None else "starrelu",
+                res_scale=last.res_scale1 is not None,
+                qkv_bias=last.token_mixer.qkv.bias is not None)
+
+
+def caformer_to_timm(model: models.CAFormer) -> dict[str, np.ndarray]:
+    """timm-named float32 tensors of our CAFormer (the inverse of `caformer_from_timm`)."""
+    return {key: np.ascontiguousarray(_caformer_kind_to_timm(kind, np.asarray(
+                _variable(model, path).get_value(), np.float32)))
+            for key, path, kind in _caformer_layout(model.depths, model.dims,
+                                                    **_caformer_options(model))}
+
+
+def backbone_to_timm(model) -> dict[str, np.ndarray]:
+    return caformer_to_timm(model) if isinstance(model, models.CAFormer) else vit_to_timm(model)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,24 +457,47 @@ def load_torch_vit(path: str, *, checkpoint_key: str = "teacher", num_heads: int
 # ---------------------------------------------------------------------------------------------
 # safetensors: the interchange file both ways.
 # ---------------------------------------------------------------------------------------------
-def save_vit_safetensors(model: models.VisionTransformer, path: str) -> None:
-    """Write our ViT under timm names, with `num_heads` in the metadata."""
+def load_torch_caformer(path: str, *, checkpoint_key: str = "teacher",
+                        remat_every: int = 0) -> models.CAFormer:
+    """Our CAFormer with the weights of an official BAM CAFormer checkpoint or a timm
+    `caformer_*` state dict (its classifier is logged and left out)."""
+    tensors, left_out = torch_backbone_tensors(path, checkpoint_key=checkpoint_key)
+    model, unused = caformer_from_timm(tensors, remat_every=remat_every)
+    _report_unused(path, left_out + unused)
+    return model
+
+
+def save_vit_safetensors(model, path: str) -> None:
+    """Write our ViT (or CAFormer) under timm names; the metadata says what the names cannot
+    (a ViT's `num_heads`; a CAFormer's depths, dims, activation, res-scales)."""
     from safetensors.numpy import save
 
+    if isinstance(model, models.CAFormer):
+        metadata = {"format": "timm-caformer", "depths": json.dumps(list(model.depths)),
+                    "dims": json.dumps(list(model.dims)),
+                    **{k: str(v) for k, v in _caformer_options(model).items()}}
+    else:
+        metadata = {"format": "timm-vit", "num_heads": str(model.blocks[0].attn.num_heads)}
     # Bytes through epath, so a gs:// destination works as a local one.
-    epath.Path(path).write_bytes(save(
-        vit_to_timm(model),
-        metadata={"format": "timm-vit", "num_heads": str(model.blocks[0].attn.num_heads)}))
+    epath.Path(path).write_bytes(save(backbone_to_timm(model), metadata=metadata))
+
+
+save_backbone_safetensors = save_vit_safetensors
 
 
 def load_vit_safetensors(path: str, *, num_heads: int | None = None,
-                         freeze_patch_embed: bool = True) -> models.VisionTransformer:
-    """Our ViT from a timm-named safetensors file (ours, or timm's with `num_heads` given)."""
+                         freeze_patch_embed: bool = True):
+    """Our ViT from a timm-named safetensors file (ours, or timm's with `num_heads` given);
+    a CAFormer when the file holds CAFormer names."""
     from safetensors.numpy import load
 
     raw = epath.Path(path).read_bytes()  # local or gs://
     tensors = load(raw)
     metadata = _safetensors_metadata(raw)
+    if metadata.get("format") == "timm-caformer" or is_caformer_state(tensors):
+        model, unused = caformer_from_timm(tensors)
+        _report_unused(path, unused)
+        return model
     if num_heads is None:
         if "num_heads" not in metadata:
             raise ValueError(f"{path} does not record num_heads; pass it")
@@ -325,6 +506,9 @@ def load_vit_safetensors(path: str, *, num_heads: int | None = None,
                                   freeze_patch_embed=freeze_patch_embed)
     _report_unused(path, unused)
     return model
+
+
+load_backbone_safetensors = load_vit_safetensors
 
 
 def _safetensors_metadata(raw: bytes) -> dict[str, str]:
@@ -337,8 +521,8 @@ def _safetensors_metadata(raw: bytes) -> dict[str, str]:
 # bam_jax workdirs.
 # ---------------------------------------------------------------------------------------------
 def backbone_from_workdir(workdir: str, config=None, *, checkpoint_key: str = "teacher"
-                          ) -> tuple[int, models.VisionTransformer]:
-    """(step, ViT backbone) of the newest readable checkpoint of a bam_jax run.
+                          ) -> tuple[int, models.VisionTransformer | models.CAFormer]:
+    """(step, ViT or CAFormer backbone) of the newest readable checkpoint of a bam_jax run.
 
     The state is restored onto one device whatever mesh wrote it, using the checkpoint's own
     shapes, so no dataset is needed to rebuild it; `config` (default: the config saved with the
@@ -359,15 +543,19 @@ def backbone_from_workdir(workdir: str, config=None, *, checkpoint_key: str = "t
     prefix = "teacher_" if checkpoint_key == "teacher" else ""
     if not state.get(f"{prefix}params"):
         raise ValueError(f"the run in {workdir} has no teacher; use --checkpoint_key=student")
-    saved = _merge(state[f"{prefix}params"]["backbone"], state[f"{prefix}model_state"]["backbone"])
-    if config.model.backbone != "vit":
+    saved = _merge(state[f"{prefix}params"]["backbone"],
+                   (state[f"{prefix}model_state"] or {}).get("backbone", {}))
+    if config.model.backbone not in ("vit", "caformer"):
         raise ValueError(f"the run in {workdir} has a {config.model.backbone} backbone; only ViTs "
-                         f"have timm names")
+                         f"and CAFormers have timm names")
     model_config = config.model.copy_and_resolve_references()
     model_config.drop_path_rate = 0.0  # no RNG state: the backbone is for inference and export
-    patch = model_config.patch_size
-    channels = saved["patch_kernel"]["value"].shape[0] // (patch * patch)
-    image_size = math.isqrt(saved["pos_embed"]["value"].shape[0] - 1) * patch
+    if config.model.backbone == "caformer":
+        channels, image_size = saved["stem"]["conv"]["kernel"]["value"].shape[2], 224
+    else:
+        patch = model_config.patch_size
+        channels = saved["patch_kernel"]["value"].shape[0] // (patch * patch)
+        image_size = math.isqrt(saved["pos_embed"]["value"].shape[0] - 1) * patch
     backbone = nnx.eval_shape(lambda: models.build_model(
         model_config, num_channels=channels, image_size=image_size, rngs=nnx.Rngs(0))).backbone
     for path, variable in nnx.iter_graph(backbone):
@@ -409,9 +597,10 @@ def _load_config(path: str):
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bam_jax.tools.convert",
-        description="Convert ViT weights between PyTorch (official BAM, DINO, timm) and bam_jax.",
-        epilog="import:  --torch_checkpoint=checkpoint.pth --output=vit.safetensors "
-               "[--checkpoint_key=student] [--num_heads=6]\n"
+        description="Convert ViT / CAFormer weights between PyTorch (official BAM, DINO, timm) "
+                    "and bam_jax.",
+        epilog="import:  [--arch=caformer] --torch_checkpoint=checkpoint.pth "
+               "--output=vit.safetensors [--checkpoint_key=student] [--num_heads=6]\n"
                "export:  --workdir=DIR [--config=configs/vit_s.py] "
                "--export_safetensors=out.safetensors",
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -419,6 +608,9 @@ def _parser() -> argparse.ArgumentParser:
     mode.add_argument("--torch_checkpoint", help="PyTorch .pth to import")
     mode.add_argument("--export_safetensors", help="safetensors file to write from --workdir")
     parser.add_argument("--output", help="safetensors file the import writes")
+    parser.add_argument("--arch", choices=("vit", "caformer"), default="vit",
+                        help="backbone of the imported checkpoint (default: vit); an export "
+                             "takes it from the run's config")
     parser.add_argument("--checkpoint_key", choices=ROLES, default="teacher",
                         help="which network of a student/teacher checkpoint (default: teacher)")
     parser.add_argument("--num_heads", type=int, default=12,
@@ -439,8 +631,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="convert: %(message)s")
     try:
         if args.torch_checkpoint:
-            model = load_torch_vit(args.torch_checkpoint, checkpoint_key=args.checkpoint_key,
-                                   num_heads=args.num_heads)
+            if args.arch == "caformer":
+                model = load_torch_caformer(args.torch_checkpoint,
+                                            checkpoint_key=args.checkpoint_key)
+            else:
+                model = load_torch_vit(args.torch_checkpoint, checkpoint_key=args.checkpoint_key,
+                                       num_heads=args.num_heads)
             destination, source = args.output, f"{args.torch_checkpoint} ({args.checkpoint_key})"
         else:
             config = _load_config(args.config) if args.config else None
@@ -452,6 +648,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, OSError) as error:
         print(cli.error_line("bam_jax.tools.convert", error), file=sys.stderr, flush=True)
         return 2
+    if isinstance(model, models.CAFormer):
+        print(f"wrote {destination}: CAFormer depths {model.depths}, dims {model.dims}, "
+              f"{_caformer_options(model)['act']} from {source}", flush=True)
+        return 0
     grid = model.grid_size[0]
     print(f"wrote {destination}: ViT width {model.embed_dim}, depth {model.depth}, heads "
           f"{model.blocks[0].attn.num_heads}, patch {model.patch_size}, "
