@@ -6,7 +6,6 @@ import ml_collections
 import pytest
 
 from bam_jax import config_checks
-from test_train import tiny_config
 
 # Numeric fields of configs/common.py that take any value: nothing crashes or misbehaves.
 UNCONSTRAINED = {"data.num_parallel_calls", "mesh.fsdp_min_size"}
@@ -28,7 +27,7 @@ def test_shipped_configs_pass(name):
 
 
 @pytest.mark.parametrize("backbone", ["vit", "convnet", "pixels"])
-def test_the_tests_tiny_configs_pass(backbone):
+def test_the_tests_tiny_configs_pass(backbone, tiny_config):
     config = tiny_config(backbone=backbone)
     config.update(knn=dict(enabled=True), ccrop=dict(enabled=True, loc_interval=1))
     config_checks.check_pretrain_config(config)

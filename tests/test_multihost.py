@@ -1,4 +1,5 @@
-"""Two processes on localhost (2 CPU devices each) train as one process with 4 devices.
+"""Two processes on localhost (2 CPU devices each) train as one process with 4 devices, and a
+SIGTERM on one of them stops both at the same step.
 
 `python -m bam_jax.main` is started twice with the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
 JAX_PROCESS_ID contract of `main._distributed_kwargs`; jax 0.10.2 uses gloo for CPU collectives
@@ -29,10 +30,9 @@ import tensorflow as tf
 
 from bam_jax import train
 from bam_jax.data import pipeline
-from test_train import assert_trees_close, read_metrics, read_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = 4
+STEPS = 500  # never reached: process 1 gets a SIGTERM once process 0 has logged step 4
 
 TINY_CONFIG = f'''
 from configs import default
@@ -50,8 +50,10 @@ def get_config():
     config.model.projector.update(hidden_dim=64, out_dim=32, bias=False)
     config.knn.enabled = False
     config.log_every_steps = 1
-    config.checkpoint_every_steps = 1000  # only the final step is saved
+    config.checkpoint_every_steps = 1000  # only the step the run stops at is saved
     config.async_checkpointing = False
+    config.stop_check_every_steps = 2
+    config.optimizer.warmup_epochs = 0  # the peak rate from step 1, not 1/125 of it
     return config
 '''
 
@@ -70,7 +72,8 @@ def load_config(path):
 
 
 def start_process(process_id, port, config_path, workdir, log_path):
-    env = dict(os.environ, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get(
+                   "PYTHONPATH")])), JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
                JAX_PROCESS_ID=str(process_id), JAX_PLATFORMS="cpu",
                XLA_FLAGS="--xla_force_host_platform_device_count=2")
     # A log file, not a pipe: a full pipe would block the child while this process trains.
@@ -115,64 +118,63 @@ def two_process_stream(original):
     return create
 
 
-def test_two_processes_train_as_one(tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_sigterm_on_one_host_stops_both_at_the_same_step_and_two_processes_train_as_one(
+        tmp_path, monkeypatch, read_metrics, read_state, assert_trees_close):
     config_path = tmp_path / "tiny.py"
     config_path.write_text(TINY_CONFIG)
     multi = str(tmp_path / "multi")
-    with two_processes(tmp_path, config_path, multi, "the 2-process run hung") as (processes,
-                                                                                   logs):
-        # The reference trains here while the two processes run: 3 processes on the CPU cores.
-        config = load_config(config_path)
-        config.mesh.num_devices = 4
-        monkeypatch.setattr(pipeline, "create_pretrain_dataset",
-                            two_process_stream(pipeline.create_pretrain_dataset))
-        single = str(tmp_path / "single")
-        assert train.train_and_evaluate(config, single)["step"] == STEPS
-        codes = [p.wait(timeout=300) for p in processes]
-    outputs = [log.read_text() for log in logs]
-    for i, (code, output) in enumerate(zip(codes, outputs)):
-        assert code == 0, f"process {i} exited {code}:\n{output[-4000:]}"
-        assert "bam_jax: 2 process(es), 4 device(s) (cpu)" in output, output[-4000:]
-        assert f"done: step {STEPS}" in output, output[-4000:]
-    assert "step 1/" in outputs[0] and "step 1/" not in outputs[1]  # console: process 0 only
-
-    # Both processes share the workdir: one row per step means only process 0 wrote it.
-    with open(os.path.join(multi, "metrics.jsonl")) as f:
-        assert sum(1 for _ in f) == STEPS
-    multi_metrics, single_metrics = read_metrics(multi), read_metrics(single)
-    assert sorted(multi_metrics) == list(range(1, STEPS + 1))
-    for step in range(1, STEPS + 1):
-        np.testing.assert_allclose(multi_metrics[step]["loss"], single_metrics[step]["loss"],
-                                   rtol=1e-4)
-    reference = read_state(single, STEPS)
-    # The 2-process checkpoint names devices this process lacks: restore it onto the reference's.
-    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, reference)
-    restored = ocp.StandardCheckpointer().restore(
-        os.path.join(multi, "checkpoints", str(STEPS), "state"), target)
-    assert_trees_close(restored["params"], reference["params"], rtol=1e-3, atol=2e-5)
-
-
-def test_sigterm_on_one_host_stops_both_at_the_same_step(tmp_path):
-    config_path = tmp_path / "long.py"
-    config_path.write_text(TINY_CONFIG.replace(f"num_train_steps = {STEPS}", "num_train_steps = 500")
-                           + "\n\nget_config_base = get_config\n\n\ndef get_config():\n"
-                           "    config = get_config_base()\n"
-                           "    config.stop_check_every_steps = 2\n    return config\n")
-    workdir = str(tmp_path / "multi")
-    with two_processes(tmp_path, config_path, workdir,
+    with two_processes(tmp_path, config_path, multi,
                        "a host waited forever after the other stopped") as (processes, logs):
         deadline = time.monotonic() + 300
-        while "step 4/500" not in logs[0].read_text():
+        while "step 4/" not in logs[0].read_text():
             assert all(p.poll() is None for p in processes), logs[0].read_text()[-3000:]
             assert time.monotonic() < deadline, "the 2-process run did not reach step 4"
             time.sleep(0.05)
         processes[1].send_signal(signal.SIGTERM)  # a preemption notice on one host only
         codes = [p.wait(timeout=300) for p in processes]
     outputs = [log.read_text() for log in logs]
-    assert codes == [0, 0], outputs
+    for i, (code, output) in enumerate(zip(codes, outputs)):
+        assert code == 0, f"process {i} exited {code}:\n{output[-4000:]}"
+        assert "bam_jax: 2 process(es), 4 device(s) (cpu)" in output, output[-4000:]
+    # The stop request is shared every 2 steps: both saved the same step, and said why.
     saved = [int(o.split(": saved step ")[1].split()[0]) for o in outputs]
-    assert saved[0] == saved[1] and saved[0] % 2 == 0 and saved[0] < 500, outputs
-    assert "SIGTERM: saved step" in outputs[1]
-    assert "a stop request on another process: saved step" in outputs[0]
-    steps = [int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit()]
-    assert max(steps) == saved[0]
+    assert saved[0] == saved[1] and saved[0] % 2 == 0 and 4 <= saved[0] < STEPS, outputs
+    stop = saved[0]
+    assert f"SIGTERM: saved step {stop}" in outputs[1]
+    assert f"a stop request on another process: saved step {stop}" in outputs[0]
+    steps = [int(n) for n in os.listdir(os.path.join(multi, "checkpoints")) if n.isdigit()]
+    assert steps == [stop]
+    assert "step 1/" in outputs[0] and "step 1/" not in outputs[1]  # console: process 0 only
+
+    # The reference: this process on 4 devices, the same global batches, stopped at `stop` by
+    # a SIGTERM in the step before (a single process stops at once).
+    config = load_config(config_path)
+    config.mesh.num_devices = 4
+    monkeypatch.setattr(pipeline, "create_pretrain_dataset",
+                        two_process_stream(pipeline.create_pretrain_dataset))
+    agreed_stop = train._agreed_stop
+
+    def sigterm_before_stop(requested, step, every):
+        if step == stop - 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return agreed_stop(requested, step, every)
+
+    monkeypatch.setattr(train, "_agreed_stop", sigterm_before_stop)
+    single = str(tmp_path / "single")
+    assert train.train_and_evaluate(config, single)["step"] == stop
+
+    # Both processes share the workdir: one row per step means only process 0 wrote it.
+    with open(os.path.join(multi, "metrics.jsonl")) as f:
+        assert sum(1 for _ in f) == stop
+    multi_metrics, single_metrics = read_metrics(multi), read_metrics(single)
+    assert sorted(multi_metrics) == sorted(single_metrics) == list(range(1, stop + 1))
+    for step in range(1, stop + 1):
+        np.testing.assert_allclose(multi_metrics[step]["loss"], single_metrics[step]["loss"],
+                                   rtol=1e-4)
+    reference = read_state(single, stop)
+    # The 2-process checkpoint names devices this process lacks: restore it onto the reference's.
+    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, reference)
+    restored = ocp.StandardCheckpointer().restore(
+        os.path.join(multi, "checkpoints", str(stop), "state"), target)
+    assert_trees_close(restored["params"], reference["params"], rtol=1e-3, atol=2e-5)

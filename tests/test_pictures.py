@@ -2,23 +2,23 @@
 
 import os
 
-import pytest
+import numpy as np
+from PIL import Image
 
 from bam_jax.evals import pictures
-from test_knn_eval import shared_pretrained_workdir
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    return shared_pretrained_workdir(tmp_path_factory)
-
-
-def test_pictures_are_non_empty_pngs(pretrained):
-    paths = pictures.make_pictures(pretrained)
+def test_pictures_are_non_empty_pngs(pretrained_copy):
+    paths = pictures.make_pictures(pretrained_copy)
     assert [os.path.basename(p) for p in paths] == ["curves.png", "attention.png", "target.png"]
     for path in paths:
         with open(path, "rb") as f:
             assert f.read(8) == PNG_SIGNATURE
         assert os.path.getsize(path) > 1024
+        with Image.open(path) as image:
+            pixels = np.asarray(image.convert("RGB"))
+        # A drawn picture: a real size, and more than a blank canvas (many distinct colours).
+        assert min(pixels.shape[:2]) >= 100, (path, pixels.shape)
+        assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 16, path

@@ -1,13 +1,12 @@
-"""The trainer: device-count invariance, exact resume, restore on fewer devices, bad input."""
+"""The trainer: device-count invariance, learning, the optimizers against PyTorch, ContrastiveCrop in
+the loop. Resume, another device count and bad input are in test_faults.py."""
 
 import json
 import os
-import shutil
 
 import jax
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
@@ -16,65 +15,8 @@ from bam_jax import sharding, train
 from configs import default as default_config
 
 
-def tiny_config(*, backbone="vit", teacher=True, steps=4, num_devices=0):
-    """The default recipe shrunk to seconds: a 2-block ViT (or small ConvNet), 32 images a step."""
-    config = default_config.get_config()
-    config.batch_size = 32
-    config.num_train_steps = steps
-    config.model.backbone = backbone
-    config.model.update(vit_variant="custom", width=32, depth=2, num_heads=2, patch_size=4)
-    config.model.convnet.channels = (8, 16)
-    config.model.convnet.strides = (2, 2)
-    config.data.local_crops_number = 2  # exercise the multi-resolution path
-    # The official head, without BatchNorm: a BatchNorm makes whatever feeds it a batch-constant
-    # shift (biases, the last LayerNorm's offset) have a zero true gradient, and Adam turns that
-    # gradient's float noise, which differs with the device count, into updates.
-    config.model.projector.update(hidden_dim=64, out_dim=32, use_bn=False, last_bn=False)
-    config.teacher.enabled = teacher
-    config.loss.top_k = 16
-    config.knn.enabled = False
-    config.log_every_steps = 1
-    config.checkpoint_every_steps = 2
-    config.async_checkpointing = False
-    config.mesh.num_devices = num_devices
-    return config
-
-
-def read_metrics(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return {row["step"]: row for row in map(json.loads, f) if "loss" in row}
-
-
-def read_state(workdir, step):
-    path = os.path.join(os.path.abspath(workdir), "checkpoints", str(step), "state")
-    return ocp.StandardCheckpointer().restore(path)
-
-
-def assert_trees_close(a, b, **tolerance):
-    leaves_a, tree_a = jax.tree.flatten(a)
-    leaves_b, tree_b = jax.tree.flatten(b)
-    assert tree_a == tree_b
-    for x, y in zip(leaves_a, leaves_b):
-        np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64),
-                                   **tolerance)
-
-
-def resume_from(source_workdir, target_workdir, step):
-    """A copy of a finished run's workdir that stops at `step`, as if killed right after it."""
-    shutil.copytree(source_workdir, target_workdir)
-    checkpoints = os.path.join(target_workdir, "checkpoints")
-    for name in os.listdir(checkpoints):
-        if name.isdigit() and int(name) > step:
-            shutil.rmtree(os.path.join(checkpoints, name))
-    metrics = read_metrics(source_workdir)
-    with open(os.path.join(target_workdir, "metrics.jsonl"), "w") as f:
-        for s in sorted(metrics):
-            if s <= step:
-                f.write(json.dumps(metrics[s]) + "\n")
-
-
 @pytest.fixture(scope="module")
-def vit_run_8(tmp_path_factory):
+def vit_run_8(tmp_path_factory, tiny_config):
     workdir = str(tmp_path_factory.mktemp("vit8"))
     result = train.train_and_evaluate(tiny_config(), workdir)
     return workdir, result
@@ -92,7 +34,8 @@ def test_schedules_match_the_official_cosine_scheduler():
                                rtol=1e-6)
 
 
-def test_eight_devices_equal_one(vit_run_8, tmp_path):
+def test_eight_devices_equal_one(vit_run_8, tmp_path, tiny_config, read_metrics, read_state,
+                                assert_trees_close):
     workdir_8, result_8 = vit_run_8
     workdir_1 = str(tmp_path / "vit1")
     result_1 = train.train_and_evaluate(tiny_config(num_devices=1), workdir_1)
@@ -104,7 +47,7 @@ def test_eight_devices_equal_one(vit_run_8, tmp_path):
                        rtol=1e-3, atol=2e-5)
 
 
-def test_loss_decreases_and_teacher_moves(vit_run_8):
+def test_loss_decreases_and_teacher_moves(vit_run_8, read_metrics, read_state):
     workdir, _ = vit_run_8
     metrics = read_metrics(workdir)
     assert all(np.isfinite(m["loss"]) for m in metrics.values())
@@ -116,56 +59,7 @@ def test_loss_decreases_and_teacher_moves(vit_run_8):
     assert 0.995 <= metrics[4]["teacher_momentum"] <= 1.0
 
 
-def test_resume_continues_exactly(tmp_path):
-    config = tiny_config(backbone="convnet", teacher=False)
-    full = str(tmp_path / "full")
-    train.train_and_evaluate(config, full)
-    resumed = str(tmp_path / "resumed")
-    resume_from(full, resumed, step=2)
-    result = train.train_and_evaluate(config, resumed)
-    assert result["step"] == 4
-    full_metrics, resumed_metrics = read_metrics(full), read_metrics(resumed)
-    for step in (3, 4):
-        assert resumed_metrics[step]["loss"] == full_metrics[step]["loss"]
-    assert_trees_close(read_state(full, 4), read_state(resumed, 4), rtol=0, atol=0)
-
-
-def test_checkpoint_of_eight_devices_restores_on_four(vit_run_8, tmp_path):
-    workdir_8, _ = vit_run_8
-    resumed = str(tmp_path / "on4")
-    resume_from(workdir_8, resumed, step=2)
-    train.train_and_evaluate(tiny_config(num_devices=4), resumed)
-    assert_trees_close(read_state(workdir_8, 4)["params"], read_state(resumed, 4)["params"],
-                       rtol=1e-3, atol=2e-5)
-
-
-def test_incompatible_checkpoint_is_refused(vit_run_8, tmp_path):
-    workdir_8, _ = vit_run_8
-    other = str(tmp_path / "other")
-    resume_from(workdir_8, other, step=2)
-    config = tiny_config()
-    config.model.width = 48
-    with pytest.raises(ValueError, match="does not match the configured model"):
-        train.train_and_evaluate(config, other)
-
-
-def test_batch_not_divisible_by_devices_fails_clearly(tmp_path):
-    config = tiny_config()
-    config.batch_size = 36
-    with pytest.raises(ValueError, match="batch"):
-        train.train_and_evaluate(config, str(tmp_path / "bad"))
-
-
-def test_nonfinite_loss_stops_without_saving(tmp_path):
-    config = tiny_config(backbone="convnet", teacher=False)
-    config.optimizer.base_lr = float("nan")
-    workdir = str(tmp_path / "nan")
-    with pytest.raises(train.NonFiniteLossError, match="skip_nonfinite_steps"):
-        train.train_and_evaluate(config, workdir)
-    assert not os.path.exists(os.path.join(workdir, "checkpoints", "2"))
-
-
-def _short_default_run(workdir, **loss_and_head):
+def _short_default_run(workdir, read_metrics, **loss_and_head):
     """The embedded default recipe for 12 steps; returns the metrics of the last step."""
     config = default_config.get_config()
     config.num_train_steps = 12
@@ -178,14 +72,15 @@ def _short_default_run(workdir, **loss_and_head):
     return read_metrics(workdir)[12]
 
 
-def test_default_recipe_does_not_collapse_where_the_official_head_drifts_to_it(tmp_path):
-    learning = _short_default_run(str(tmp_path / "default"))
+def test_default_recipe_does_not_collapse_where_the_official_head_drifts_to_it(tmp_path,
+                                                                              read_metrics):
+    learning = _short_default_run(str(tmp_path / "default"), read_metrics)
     assert learning["mean_similarity"] < 0.2
     assert learning["source_entropy"] < learning["uniform_entropy"] - 1.0
     assert learning["loss"] < learning["uniform_entropy"] - 1.0
     # The official head (no BatchNorm) and eps 0.05 on the same data drift towards the
     # collapsed point (all embeddings aligned, a flat softmax): the test can tell them apart.
-    collapsing = _short_default_run(str(tmp_path / "official"), sinkhorn_reg=0.05,
+    collapsing = _short_default_run(str(tmp_path / "official"), read_metrics, sinkhorn_reg=0.05,
                                     sinkhorn_reg_final=0.05, top_k=0,
                                     projector=dict(use_bn=False, last_bn=False))
     assert collapsing["mean_similarity"] > 0.6
@@ -270,6 +165,7 @@ def _run_torch(name, params, grads, lrs, wds, clip_grad=0.0):
     return {k: t.detach().numpy() for k, t in tensors.items()}
 
 
+@pytest.mark.xla_optimized
 @pytest.mark.parametrize("name", ["adamw", "sgd", "lars"])
 def test_optimizer_steps_equal_the_official_ones(name):
     params = _params()
@@ -302,7 +198,7 @@ def test_zero_gradient_update_decays_exactly_the_matrices(name):
 
 
 @pytest.mark.parametrize("drop_path_rate", [0.0, 0.2])
-def test_teacher_draws_its_own_drop_path_masks(drop_path_rate):
+def test_teacher_draws_its_own_drop_path_masks(drop_path_rate, tiny_config):
     config = tiny_config()
     config.model.drop_path_rate = drop_path_rate
     graphdef, make_state, _, _ = train.state_layout(
@@ -326,7 +222,7 @@ def test_teacher_draws_its_own_drop_path_masks(drop_path_rate):
 # ContrastiveCrop in the loop: 64 digits in a folder, 2 steps an epoch, boxes after epochs 1, 2.
 
 @pytest.fixture(scope="module")
-def ccrop_run(tmp_path_factory):
+def ccrop_run(tmp_path_factory, tiny_config):
     import tensorflow as tf  # noqa: PLC0415
 
     from bam_jax.data import pipeline  # noqa: PLC0415
@@ -361,7 +257,8 @@ def test_contrastive_crop_boxes_are_updated_and_checkpointed(ccrop_run):
     assert np.mean((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])) < 0.95
 
 
-def test_resume_after_a_box_update_continues_exactly(ccrop_run, tmp_path):
+def test_resume_after_a_box_update_continues_exactly(ccrop_run, tmp_path, resume_from, read_metrics,
+                                                    read_state, assert_trees_close):
     config, workdir = ccrop_run
     # The boxes of the update at step 6 are not whole images (at step 4 the teacher is still
     # near its init and boxes every digit whole), so a resume that lost them would crop otherwise.
