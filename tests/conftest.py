@@ -52,7 +52,7 @@ def _xla_optimizations(request):
         return
     import jax  # noqa: PLC0415
 
-    before = jax.config.jax_disable_most_optimizations
+    before = jax.config.read("jax_disable_most_optimizations")
     if not before:
         yield
         return

@@ -7,14 +7,13 @@ import subprocess
 import sys
 
 import pytest
-from absl import flags
 
-from bam_jax import cli, train
-from bam_jax import main as bam_main
+from bam_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_main_runs_the_default_config(tmp_path):
     workdir = tmp_path / "default"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
@@ -35,38 +34,10 @@ def test_main_runs_the_default_config(tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # Bad input refused before any work: in-process runs (flags parsed by cli.flags_parser, as
-# app.run does), the trainer replaced by a stub that fails the test if it is ever reached.
+# app.run does: conftest's run_main), the trainer replaced by a stub that fails the test if it is
+# ever reached.
 
 DEFAULT_CONFIG = os.path.join(ROOT, "configs", "default.py")
-
-
-def run_main(capsys, config_file, workdir, *overrides):
-    """(exit code, stderr) of `python -m bam_jax.main` run in this process."""
-    argv = ["bam_jax", f"--config={config_file}", f"--workdir={workdir}", *overrides]
-    flags.FLAGS.unparse_flags()
-    for name in [n for n in flags.FLAGS if n.startswith("config.")]:
-        delattr(flags.FLAGS, name)  # the previous call's override flags
-    # ml_collections loads every file as module `config_config`, into the previous file's
-    # namespace when that module is still there: a file without get_config() would inherit one.
-    sys.modules.pop("config_config", None)
-    saved_argv, sys.argv = sys.argv, argv  # ml_collections reads --config.x from sys.argv
-    capsys.readouterr()
-    code = 0
-    try:
-        cli.flags_parser("bam_jax")(argv)
-        bam_main.main([])
-    except SystemExit as exit_:
-        code = exit_.code
-    finally:
-        sys.argv = saved_argv
-        flags.FLAGS.unparse_flags()
-    return code, capsys.readouterr().err
-
-
-def error_line(err):
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("bam_jax: error: "), err
-    return lines[0]
 
 
 @pytest.fixture
@@ -85,11 +56,11 @@ BAD_FIELDS = [
 
 @pytest.mark.parametrize("field,value", BAD_FIELDS + [("ccrop.alpha", "0")],
                          ids=[f"{f}={v}" for f, v in BAD_FIELDS + [("ccrop.alpha", "0")]])
-def test_bad_config_value_is_one_line_before_the_workdir_exists(tmp_path, capsys, no_training,
-                                                                 field, value):
+def test_bad_config_value_is_one_line_before_the_workdir_exists(tmp_path, run_main, error_line,
+                                                                 no_training, field, value):
     workdir = tmp_path / "w"
     switch = ["--config.ccrop.enabled=True"] if field.startswith("ccrop.") else []
-    code, err = run_main(capsys, DEFAULT_CONFIG, workdir, *switch, f"--config.{field}={value}")
+    code, _, err = run_main(DEFAULT_CONFIG, workdir, *switch, f"--config.{field}={value}")
     assert code == 2
     line = error_line(err)
     assert line.startswith(f"bam_jax: error: config.{field}="), line
@@ -108,7 +79,7 @@ CONFIG_FILES = {
 
 
 @pytest.mark.parametrize("name", CONFIG_FILES)
-def test_bad_config_file_is_one_line_naming_it(tmp_path, capsys, no_training, name):
+def test_bad_config_file_is_one_line_naming_it(tmp_path, run_main, error_line, no_training, name):
     text, problem = CONFIG_FILES[name]
     path = tmp_path / name
     if text is not None:
@@ -116,26 +87,22 @@ def test_bad_config_file_is_one_line_naming_it(tmp_path, capsys, no_training, na
     workdir = tmp_path / "w"
     # With an override too: ml_collections then fails on the missing file while parsing it.
     for overrides in ([], ["--config.batch_size=64"]):
-        code, err = run_main(capsys, str(path), workdir, *overrides)
+        code, _, err = run_main(str(path), workdir, *overrides)
         assert code == 2
         assert error_line(err) == f"bam_jax: error: config file {path}{problem}"
         assert sorted(os.listdir(tmp_path)) == ([name] if text is not None else [])
 
 
-def test_error_while_running_a_config_file_names_its_line(tmp_path, capsys, no_training):
+def test_error_while_running_a_config_file_names_its_line(tmp_path, run_main, error_line,
+                                                          no_training):
     path = tmp_path / "raises.py"
     path.write_text("def get_config():\n    return {}['nope']\n")
-    code, err = run_main(capsys, str(path), tmp_path / "w")
+    code, _, err = run_main(str(path), tmp_path / "w")
     assert code == 2
     assert error_line(err) == f"bam_jax: error: config file {path}: line 2: KeyError: 'nope'"
 
 
-def test_unknown_field_of_a_good_file_is_still_named(tmp_path, capsys, no_training):
-    code, err = run_main(capsys, DEFAULT_CONFIG, tmp_path / "w", "--config.optimizer.nope=1")
-    assert code == 2
-    assert error_line(err) == "bam_jax: error: --config.optimizer.nope: no such config field"
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("module,program", [("bam_jax.main", "bam_jax"),
                                             ("bam_jax.evals.linear_probe", "bam_jax.evals.linear_probe")])
 def test_entry_points_name_a_bad_config_file_in_a_real_process(tmp_path, module, program):
