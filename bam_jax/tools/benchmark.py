@@ -1,5 +1,11 @@
 """Train-step benchmark: `python -m bam_jax.tools.benchmark --workload=vit_s16 [--batch_size=8]`.
 
+Workloads: vit_s16, vit_b16, caformer_m36 (the official recipes' model, crops, projector, teacher
+and optimizer) and default (the embedded digits recipe). `--compile_only` lowers and compiles the
+step from abstract shapes (no parameters or batch allocated) and reports XLA's FLOPs and memory
+analysis: the per-device memory of a batch that could not run here (e.g. the official 256 per
+GPU). `--remat_every` sets CAFormer remat (0: off), `--remat` ViT remat.
+
 Prints and writes as JSON (`--output`): the median step time after compilation, images/s, the
 step's model FLOPs from XLA's cost analysis, achieved FLOP/s and its fraction of a matmul peak
 measured in the same run (MFU), the share of the step spent in the loss + Sinkhorn, and memory.
@@ -21,25 +27,39 @@ from absl import app, flags
 
 from bam_jax import loss as loss_lib
 from bam_jax import sharding, train
-from configs import common
+from configs import caformer_m36, common
 from configs import default as default_config
 
-_WORKLOAD = flags.DEFINE_enum("workload", "vit_s16", ["vit_s16", "vit_b16", "default"],
-                              "Named workload.")
+_WORKLOAD = flags.DEFINE_enum("workload", "vit_s16",
+                              ["vit_s16", "vit_b16", "caformer_m36", "default"], "Named workload.")
 _BATCH = flags.DEFINE_integer("batch_size", 0, "Global batch; 0: the workload's default.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps after one warm-up step.")
 _DTYPE = flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"],
                            "Compute dtype; auto: float32 on CPU, bfloat16 elsewhere.")
 _REMAT = flags.DEFINE_bool("remat", False, "Rematerialise every ViT block.")
+_REMAT_EVERY = flags.DEFINE_integer(
+    "remat_every", -1, "CAFormer: rematerialise each stage's blocks in groups of this many; 0 "
+    "off; -1: the workload's (4 for caformer_m36, the official --grad_checkpointing 4).")
+_WARMUP = flags.DEFINE_integer("warmup_steps", 1, "Untimed steps after compilation.")
+_ALTERNATE = flags.DEFINE_list(
+    "alternate_with", [], "Other workloads to time in turns with --workload in one process "
+    "(e.g. vit_s16,vit_b16): per-round step times and time ratios to --workload.")
+_ROUNDS = flags.DEFINE_integer("rounds", 3, "With --alternate_with: timing rounds.")
+_COMPILE_ONLY = flags.DEFINE_bool(
+    "compile_only", False, "Compile from abstract shapes and report FLOPs and memory only.")
 _OUTPUT = flags.DEFINE_string("output", "", "Write the results as JSON here.")
 
 
 def workload_config(name: str, batch_size: int,
                     dtype: str) -> tuple[ml_collections.ConfigDict, int]:
-    """(config, image channels): the official recipe at benchmark size (ViT, 2x224 + 6x96 crops,
-    3x4096 projector, EMA teacher, AdamW), or the embedded default (one-channel digits)."""
+    """(config, image channels): the official recipe at benchmark size (ViT or CAFormer-M36,
+    2x224 + 6x96 crops, 3x4096 projector, EMA teacher, AdamW), or the embedded default
+    (one-channel digits)."""
     if name == "default":
         config, num_channels = default_config.get_config(), 1
+    elif name == "caformer_m36":
+        config, num_channels = caformer_m36.get_config(), 3
+        config.batch_size = 8
     else:
         config, num_channels = common.base_config(), 3
         config.model.vit_variant = {"vit_s16": "small", "vit_b16": "base"}[name]
@@ -89,7 +109,55 @@ def _median_seconds(fn, *args, steps: int) -> float:
     return statistics.median(times)
 
 
-def run(config: ml_collections.ConfigDict, *, num_channels: int, steps: int) -> dict:
+def abstract_batch(config, num_channels: int, batch_sharding) -> dict[str, jax.ShapeDtypeStruct]:
+    """The shapes of `random_batch`, without allocating it."""
+    data = config.data
+    batch = {"global_crops": jax.ShapeDtypeStruct(
+        (config.batch_size, data.global_crops_number, data.global_crop_size,
+         data.global_crop_size, num_channels), jnp.float32, sharding=batch_sharding)}
+    if data.local_crops_number:
+        batch["local_crops"] = jax.ShapeDtypeStruct(
+            (config.batch_size, data.local_crops_number, data.local_crop_size,
+             data.local_crop_size, num_channels), jnp.float32, sharding=batch_sharding)
+    return batch
+
+
+def compile_only(config: ml_collections.ConfigDict, *, num_channels: int) -> dict:
+    """XLA's FLOPs and per-device memory of the compiled step, from abstract shapes only."""
+    mesh = sharding.make_mesh(config)
+    schedules = train.make_schedules(config, steps_per_epoch=100, total_steps=1000)
+    optimizer = train.make_optimizer(config)
+    create_model = train.model_factory(config.model, num_channels=num_channels,
+                                       image_size=config.data.global_crop_size, seed=config.seed)
+    graphdef, _, abstract_state, shardings = train.state_layout(
+        create_model, optimizer, config.teacher.enabled, mesh, config.mesh.fsdp_min_size)
+    batch_sharding = sharding.batch_sharding(mesh)
+    batch = abstract_batch(config, num_channels, batch_sharding)
+    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                         abstract_state, shardings)
+    start = time.perf_counter()
+    with jax.set_mesh(mesh):
+        step_fn = train.make_train_step(config, graphdef, optimizer, schedules, mesh)
+        compiled = jax.jit(step_fn, donate_argnums=(0,),
+                           in_shardings=(shardings, jax.tree.map(lambda _: batch_sharding, batch)),
+                           out_shardings=(shardings, None)).lower(state, batch).compile()
+    cost = compiled.cost_analysis()
+    memory = compiled.memory_analysis()
+    return {
+        "backend": jax.default_backend(), "num_devices": jax.device_count(),
+        "dtype": config.model.dtype, "batch_size": config.batch_size,
+        "compile_seconds": time.perf_counter() - start,
+        "step_flops": float((cost[0] if isinstance(cost, list) else cost).get("flops", 0.0)),
+        "temp_bytes": getattr(memory, "temp_size_in_bytes", None),
+        "argument_bytes": getattr(memory, "argument_size_in_bytes", None),
+        "output_bytes": getattr(memory, "output_size_in_bytes", None),
+        "alias_bytes": getattr(memory, "alias_size_in_bytes", None),
+    }
+
+
+def _prepare(config: ml_collections.ConfigDict, num_channels: int):
+    """(one_step, flops, memory analysis, mesh, batch sharding): the compiled step on a random
+    batch, its state held between calls."""
     mesh = sharding.make_mesh(config)
     total_steps = 1000
     schedules = train.make_schedules(config, steps_per_epoch=100, total_steps=total_steps)
@@ -107,17 +175,62 @@ def run(config: ml_collections.ConfigDict, *, num_channels: int, steps: int) -> 
         compiled = jax.jit(step_fn, donate_argnums=(0,),
                            in_shardings=(shardings, jax.tree.map(lambda _: batch_sharding, batch)),
                            out_shardings=(shardings, None)).lower(state, batch).compile()
-        cost = compiled.cost_analysis()
-        flops = float((cost[0] if isinstance(cost, list) else cost).get("flops", 0.0))
-        memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    flops = float((cost[0] if isinstance(cost, list) else cost).get("flops", 0.0))
+    holder = {"state": state}
 
-        holder = {"state": state}
-
-        def one_step():
+    def one_step():
+        with jax.set_mesh(mesh):
             holder["state"], metrics = compiled(holder["state"], batch)
-            return metrics["loss"]
+        return metrics["loss"]
 
-        one_step()  # warm-up (first execution allocates)
+    return one_step, flops, compiled.memory_analysis(), mesh, batch_sharding
+
+
+def alternate(names: list[str], *, batch_size: int, dtype: str, rounds: int, steps: int,
+              warmup_steps: int, remat_every: int, remat: bool) -> dict:
+    """Step times of several workloads compiled in one process and timed in turns (the order
+    rotates every round), so that a machine whose speed drifts affects each side alike; the
+    ratios to the first workload are taken within each round."""
+    prepared = {}
+    for name in names:
+        config, num_channels = workload_config(name, batch_size, dtype)
+        config.model.remat = remat
+        if remat_every >= 0:
+            config.model.caformer.remat_every = remat_every
+        one_step, flops, _, _, _ = _prepare(config, num_channels)
+        for _ in range(max(warmup_steps, 1)):
+            jax.block_until_ready(one_step())
+        prepared[name] = (one_step, flops, config)
+    times = {name: [] for name in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            times[name].append(_median_seconds(prepared[name][0], steps=steps))
+    first = names[0]
+    result = {"backend": jax.default_backend(), "num_devices": jax.device_count(),
+              "batch_size": batch_size, "rounds": rounds, "steps_per_round": steps,
+              "workloads": {}}
+    for name in names:
+        config = prepared[name][2]
+        ratios = [t / f for t, f in zip(times[name], times[first])]
+        result["workloads"][name] = {
+            "dtype": config.model.dtype, "remat": config.model.remat,
+            "remat_every": config.model.caformer.remat_every
+            if config.model.backbone == "caformer" else None,
+            "step_flops": prepared[name][1], "step_seconds_per_round": times[name],
+            "median_step_seconds": statistics.median(times[name]),
+            f"time_ratio_to_{first}_per_round": ratios,
+            f"median_time_ratio_to_{first}": statistics.median(ratios)}
+    return result
+
+
+def run(config: ml_collections.ConfigDict, *, num_channels: int, steps: int,
+        warmup_steps: int = 1) -> dict:
+    one_step, flops, memory, mesh, batch_sharding = _prepare(config, num_channels)
+    with jax.set_mesh(mesh):
+        for _ in range(max(warmup_steps, 1)):  # warm-up (the first execution allocates)
+            jax.block_until_ready(one_step())
         step_seconds = _median_seconds(one_step, steps=steps)
 
         # The loss + Sinkhorn alone, on projector outputs of the step's shape.
@@ -165,7 +278,41 @@ def main(argv):
     del argv
     config, num_channels = workload_config(_WORKLOAD.value, _BATCH.value, _DTYPE.value)
     config.model.remat = _REMAT.value
-    result = run(config, num_channels=num_channels, steps=_STEPS.value)
+    if _REMAT_EVERY.value >= 0:
+        config.model.caformer.remat_every = _REMAT_EVERY.value
+    if _ALTERNATE.value:
+        result = alternate([_WORKLOAD.value, *_ALTERNATE.value], batch_size=_BATCH.value,
+                           dtype=_DTYPE.value, rounds=_ROUNDS.value, steps=_STEPS.value,
+                           warmup_steps=_WARMUP.value, remat_every=_REMAT_EVERY.value,
+                           remat=_REMAT.value)
+        print(json.dumps(result, indent=2))
+        for name, w in result["workloads"].items():
+            print(f"{name}: median {w['median_step_seconds']:.2f} s/step, "
+                  f"{w['step_flops'] / 1e12:.3f} TFLOP/step, time ratio to {_WORKLOAD.value} "
+                  f"{w[f'median_time_ratio_to_{_WORKLOAD.value}']:.3f} (per round: "
+                  + ", ".join(f"{x:.3f}" for x in w[f"time_ratio_to_{_WORKLOAD.value}_per_round"])
+                  + ")", flush=True)
+        if _OUTPUT.value:
+            with open(_OUTPUT.value, "w") as f:
+                json.dump(result, f, indent=2)
+        return
+    if _COMPILE_ONLY.value:
+        result = dict(compile_only(config, num_channels=num_channels), workload=_WORKLOAD.value,
+                      remat=config.model.remat,
+                      remat_every=config.model.caformer.remat_every
+                      if config.model.backbone == "caformer" else None)
+        print(json.dumps(result, indent=2))
+        gib = 1 / 2**30
+        print(f"{result['workload']} compiled ({result['dtype']}, batch {result['batch_size']} on "
+              f"{result['num_devices']} device(s)): {result['step_flops'] / 1e12:.3f} TFLOP/step; "
+              f"per device: temporaries {result['temp_bytes'] * gib:.2f} GiB, arguments "
+              f"{result['argument_bytes'] * gib:.2f} GiB", flush=True)
+        if _OUTPUT.value:
+            with open(_OUTPUT.value, "w") as f:
+                json.dump(result, f, indent=2)
+        return
+    result = run(config, num_channels=num_channels, steps=_STEPS.value,
+                 warmup_steps=_WARMUP.value)
     print(json.dumps(result, indent=2))
     print(f"{result['workload']} on {result['device']} x{result['num_devices']} "
           f"({result['dtype']}, batch {result['batch_size']}): "
