@@ -44,29 +44,32 @@ def pytest_configure(config):
                    "reference with tight tolerances, or speed)")
 
 
-@pytest.fixture(autouse=True)
-def _xla_optimizations(request):
-    """Tests marked `xla_optimized` compile, and run, optimized programs."""
-    if request.node.get_closest_marker("xla_optimized") is None:
-        yield
+_OPTIMIZATIONS_OFF = os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] not in ("", "0", "false")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Tests marked `xla_optimized` compile, and run, optimized programs, subprocesses too.
+
+    Switched here, before the test's fixtures are set up (a module-scoped fixture of a marked
+    test computes optimized too when a marked test is the first to use it).
+    """
+    if not _OPTIMIZATIONS_OFF:
         return
+    optimized = item.get_closest_marker("xla_optimized") is not None
+    if optimized:
+        os.environ.pop("JAX_DISABLE_MOST_OPTIMIZATIONS", None)
+    else:
+        os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
+    if "jax" not in sys.modules and not optimized:
+        return  # jax, when imported, reads the variable
     import jax  # noqa: PLC0415
 
-    before = jax.config.read("jax_disable_most_optimizations")
-    if not before:
-        yield
-        return
-    # The option is not part of jit's in-memory cache key: drop what was compiled without it.
-    jax.clear_caches()
-    jax.config.update("jax_disable_most_optimizations", False)
-    saved = os.environ.pop("JAX_DISABLE_MOST_OPTIMIZATIONS", None)  # and for subprocesses
-    try:
-        yield
-    finally:
-        if saved is not None:
-            os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = saved
-        jax.config.update("jax_disable_most_optimizations", before)
+    if jax.config.read("jax_disable_most_optimizations") == optimized:
+        # The option is not part of jit's in-memory cache key: drop what was compiled under the
+        # other setting (switched only between a run of marked tests and one of unmarked ones).
         jax.clear_caches()
+        jax.config.update("jax_disable_most_optimizations", not optimized)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -316,6 +316,7 @@ RACER = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_two_processes_racing_for_a_workdir_exactly_one_wins(tmp_path):
     rounds = 3
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO,
@@ -328,7 +329,9 @@ def test_two_processes_racing_for_a_workdir_exactly_one_wins(tmp_path):
         assert time.time() < deadline and all(r.poll() is None for r in racers), \
             [r.communicate() for r in racers]
         time.sleep(0.05)
-    (tmp_path / "go").write_text(str(time.time() + 0.5))
+    # Written whole, then renamed: a racer that sees "go" never reads it half-written.
+    (tmp_path / "go.tmp").write_text(str(time.time() + 0.5))
+    os.replace(tmp_path / "go.tmp", tmp_path / "go")
     outputs = [r.communicate(timeout=120) for r in racers]
     assert all(r.returncode == 0 for r in racers), outputs
     results = [dict(line.split() for line in out.splitlines()) for out, _ in outputs]

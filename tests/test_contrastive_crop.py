@@ -6,6 +6,9 @@ import pytest
 
 from bam_jax import contrastive_crop
 
+# Compared with PyTorch references at tight tolerances: the optimized programs users run.
+pytestmark = pytest.mark.xla_optimized
+
 
 def official_update_box(attn_cls, image_size, t):
     """contrastive_croping_vit.update_box on CLS->patch attention [B, heads, h*w] (square)."""

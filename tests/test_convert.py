@@ -17,6 +17,9 @@ F = torch.nn.functional
 
 from bam_jax.tools import convert  # noqa: E402
 
+# Compared with PyTorch references at tight tolerances: the optimized programs users run.
+pytestmark = pytest.mark.xla_optimized
+
 IMG, PATCH, DIM, DEPTH, HEADS = 32, 8, 64, 2, 4
 
 

@@ -180,6 +180,18 @@ def test_sigterm_during_compilation_exits_cleanly(tmp_path, run_main, tiny_confi
     assert_trees_close(read_state(chain.full, 4), read_state(workdir, 4), rtol=0, atol=0)
 
 
+def test_a_second_sigint_interrupts_at_once():
+    # Two signals that arrive before Python runs the handler coalesce into one, so the second
+    # Ctrl-C is tested here, in this process, and its effect on a run below.
+    before = signal.getsignal(signal.SIGINT)  # SIG_IGN under a shell's background job
+    with train.StopSignals() as signals:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert signals.requested == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before  # the handler it found is back
+
+
 # ---------------------------------------------------------------------------------------------
 # In-process runs of bam_jax.main.main.
 

@@ -6,6 +6,8 @@ import subprocess
 
 import pytest
 
+pytestmark = pytest.mark.slow  # the scripts run as subprocesses
+
 LAUNCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch")
 SCRIPTS = sorted(name for name in os.listdir(LAUNCH) if name.endswith(".sh"))
 

@@ -24,6 +24,7 @@ def test_notebook_is_stored_without_outputs():
     assert code and all(not cell.outputs and cell.execution_count is None for cell in code)
 
 
+@pytest.mark.slow
 def test_notebook_runs(tmp_path, monkeypatch):
     workdir = tmp_path / "run"
     # The kernel inherits this environment: a short run, in tmp_path, on one device (as a Colab

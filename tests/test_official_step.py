@@ -48,6 +48,9 @@ from flax import nnx
 from bam_jax import models, sharding, train
 from configs import default as default_config
 
+# Compared with PyTorch references at tight tolerances: the optimized programs users run.
+pytestmark = pytest.mark.xla_optimized
+
 torch = pytest.importorskip("torch")
 nn = torch.nn
 F = torch.nn.functional

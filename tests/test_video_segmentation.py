@@ -109,6 +109,7 @@ def _official_upsample_argmax(seg, stride):
     return torch.max(up, dim=0)[1].numpy()
 
 
+@pytest.mark.xla_optimized  # against a reference at tight tolerances
 def test_propagation_matches_the_official_code():
     rng = np.random.default_rng(0)
     h, w, d, c, n_last, size, topk, stride = 5, 6, 8, 3, 3, 2, 5, 4
@@ -230,6 +231,7 @@ def test_evaluation_writes_masks_csv_pictures_and_metrics(default_workdir, tmp_p
     assert logged["davis_init_jf_mean"] == pytest.approx(result["davis_init_jf_mean"])
 
 
+@pytest.mark.slow
 def test_cli_error_lines(default_workdir, tmp_path):
     def run(*args):
         return subprocess.run(
