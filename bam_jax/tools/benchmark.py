@@ -17,6 +17,7 @@ input pipeline (see `bam_jax.tools.benchmark_input` for that).
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
 
@@ -122,6 +123,29 @@ def abstract_batch(config, num_channels: int, batch_sharding) -> dict[str, jax.S
     return batch
 
 
+def saved_activation_bytes(config: ml_collections.ConfigDict, graphdef, state, batch) -> int:
+    """Bytes the student's backward keeps from its forward (all views, projector, loss): JAX's
+    residuals of the loss w.r.t. the parameters, less those that are arguments (parameters,
+    images). This is what remat trades for recomputation, whatever the backend's scheduler does
+    with it (XLA:CPU's temporaries do not shrink with remat; see README)."""
+    from flax import nnx  # noqa: PLC0415
+    from jax._src.ad_checkpoint import saved_residuals  # noqa: PLC0415 (no public equivalent)
+
+    kwargs = train.loss_kwargs(config)
+
+    def loss(params, model_state, batch):
+        model = nnx.merge(graphdef, params, model_state, copy=True)
+        z = model(batch["global_crops"], batch.get("local_crops"), deterministic=False)
+        return loss_lib.bam_loss(z, sinkhorn_reg=config.loss.sinkhorn_reg, **kwargs)
+
+    strip = lambda tree: jax.tree.map(  # noqa: E731
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+    residuals = saved_residuals(loss, strip(state.params), strip(state.model_state),
+                                strip(batch))
+    return int(sum(math.prod(r.shape) * r.dtype.itemsize for r, why in residuals
+                   if not why.startswith("from the argument")))
+
+
 def compile_only(config: ml_collections.ConfigDict, *, num_channels: int) -> dict:
     """XLA's FLOPs and per-device memory of the compiled step, from abstract shapes only."""
     mesh = sharding.make_mesh(config)
@@ -143,7 +167,9 @@ def compile_only(config: ml_collections.ConfigDict, *, num_channels: int) -> dic
                            out_shardings=(shardings, None)).lower(state, batch).compile()
     cost = compiled.cost_analysis()
     memory = compiled.memory_analysis()
+    saved = saved_activation_bytes(config, graphdef, state, batch)
     return {
+        "saved_activation_bytes": saved,
         "backend": jax.default_backend(), "num_devices": jax.device_count(),
         "dtype": config.model.dtype, "batch_size": config.batch_size,
         "compile_seconds": time.perf_counter() - start,
@@ -306,7 +332,8 @@ def main(argv):
         print(f"{result['workload']} compiled ({result['dtype']}, batch {result['batch_size']} on "
               f"{result['num_devices']} device(s)): {result['step_flops'] / 1e12:.3f} TFLOP/step; "
               f"per device: temporaries {result['temp_bytes'] * gib:.2f} GiB, arguments "
-              f"{result['argument_bytes'] * gib:.2f} GiB", flush=True)
+              f"{result['argument_bytes'] * gib:.2f} GiB; saved activations (student backward) "
+              f"{result['saved_activation_bytes'] * gib:.2f} GiB", flush=True)
         if _OUTPUT.value:
             with open(_OUTPUT.value, "w") as f:
                 json.dump(result, f, indent=2)
