@@ -569,3 +569,22 @@ def test_export_and_linear_probe_and_pictures(caformer_run, tmp_path):
 
     paths = pictures.make_pictures(workdir)
     assert any(p.endswith("attention.png") for p in paths)
+
+
+def test_remat_cuts_the_saved_activations_the_benchmark_reports():
+    """`benchmark --compile_only`'s saved activations (traced, not compiled): remat in groups
+    keeps only the group inputs."""
+    from bam_jax import sharding, train
+    from bam_jax.tools import benchmark
+
+    saved = {}
+    for every in (0, 2):
+        config = _tiny_caformer_config()
+        config.model.caformer.remat_every = every
+        config.mesh.num_devices = 1
+        mesh = sharding.make_mesh(config)
+        graphdef, _, state, _ = train.state_layout(
+            train.run_model_factory(config), train.make_optimizer(config), True, mesh, 2**18)
+        batch = benchmark.abstract_batch(config, 1, None)
+        saved[every] = benchmark.saved_activation_bytes(config, graphdef, state, batch)
+    assert 0 < saved[2] < saved[0] / 2
