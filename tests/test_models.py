@@ -205,6 +205,7 @@ def test_drop_path():
     assert vit.blocks[0].drop_path1.rate == 0.0  # linear schedule starts at 0
 
 
+@pytest.mark.xla_optimized  # gradients of ~1e-5 compared at atol 1e-6
 def test_remat_same_outputs_and_grads():
     """In training mode: same RNG state -> same drop-path masks with and without remat."""
     x = _images((4, 32, 32, 3))
