@@ -336,25 +336,6 @@ def test_safetensors_round_trip_and_cli(checkpoints, torch_nets, jax_nets, tmp_p
     assert isinstance(convert.load_backbone_safetensors(str(bare)), models.CAFormer)
 
 
-def test_remat_every_changes_nothing_but_memory():
-    """Groups of 2 blocks rematerialised: the same loss and gradients, drop path included."""
-    def loss_and_grads(remat_every):
-        model = models.CAFormer(depths=(1, 2, 1, 1), dims=(8, 16, 32, 40), drop_path_rate=0.2,
-                                remat_every=remat_every, rngs=nnx.Rngs(params=0, dropout=1))
-        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-
-        def loss(params):
-            net = nnx.merge(graphdef, params, rest, copy=True)
-            return jnp.sum(net(jnp.asarray(_images(32)), deterministic=False) ** 2)
-
-        return jax.jit(jax.value_and_grad(loss))(params)
-
-    (loss_a, grads_a), (loss_b, grads_b) = loss_and_grads(0), loss_and_grads(2)
-    np.testing.assert_allclose(loss_a, loss_b, rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-
-
 # ---------------------------------------------------------------------------------------------
 # The official script's flags -> configs/caformer_m36.py.
 # ---------------------------------------------------------------------------------------------
@@ -523,8 +504,9 @@ def test_tiny_run_trains_and_evaluates(caformer_run):
 
 
 def test_tiny_run_resumes_with_another_remat(caformer_run, tmp_path):
-    """Killed after step 2, resumed with remat in groups of 2 (a field free on resume): the
-    same step-4 weights."""
+    """Killed after step 2, resumed without remat (a field free on resume; the run had every
+    block rematerialised, drop path off): the same step-4 weights, so remat changes nothing but
+    memory."""
     from bam_jax import checkpoint, train
 
     source, _ = caformer_run
@@ -532,7 +514,7 @@ def test_tiny_run_resumes_with_another_remat(caformer_run, tmp_path):
     shutil.copytree(source, workdir)
     shutil.rmtree(os.path.join(workdir, "checkpoints", "4"))
     config = _tiny_caformer_config()
-    config.model.caformer.remat_every = 2
+    config.model.caformer.remat_every = 0
     config.knn.enabled = False
     assert train.train_and_evaluate(config, workdir)["step"] == 4
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
