@@ -104,7 +104,7 @@ def test_backbone_runs_in_float32_whatever_the_pretraining_dtype():
     config.pretrain.model.update(backbone="vit", vit_variant="custom", width=32, depth=2,
                                  num_heads=2, patch_size=4, dtype="bfloat16")
     config.mesh.num_devices = 1
-    graphdef, backbone, _ = linear_probe._pretraining(config, sharding.make_mesh(config))
+    graphdef, backbone, _ = linear_probe.pretrained_backbone(config, sharding.make_mesh(config))
     images = jax.random.normal(jax.random.key(0), (4, 28, 28, 1))
     probe = linear_probe.make_feature_fn(config, graphdef)(backbone, images)
 

@@ -104,7 +104,8 @@ def test_error_while_running_a_config_file_names_its_line(tmp_path, run_main, er
 
 @pytest.mark.slow
 @pytest.mark.parametrize("module,program", [("bam_jax.main", "bam_jax"),
-                                            ("bam_jax.evals.linear_probe", "bam_jax.evals.linear_probe")])
+                                            ("bam_jax.evals.linear_probe", "bam_jax.evals.linear_probe"),
+                                            ("bam_jax.evals.finetune", "bam_jax.evals.finetune")])
 def test_entry_points_name_a_bad_config_file_in_a_real_process(tmp_path, module, program):
     path = tmp_path / "syntax.py"
     path.write_text("def get_config():\n    return dict(a=1\n")

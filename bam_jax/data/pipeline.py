@@ -382,6 +382,25 @@ def steps_per_epoch(data_config: ml_collections.ConfigDict, global_batch_size: i
     return examples // global_batch_size
 
 
+def labels(data_config: ml_collections.ConfigDict, split: str) -> np.ndarray:
+    """int32 labels of every example of `split`, in index order (in-memory sources only)."""
+    src = _source(data_config)
+    if not src.in_memory:
+        raise ValueError("the labels of a tfds split are not held in memory; use a folder or the "
+                         "bundled digits")
+    return src.index_table(split)[1].numpy()
+
+
+def num_classes(data_config: ml_collections.ConfigDict) -> int:
+    """Classes of the labelled splits: tfds metadata, the folder's class folders, 10 digits."""
+    src = _source(data_config)
+    if src.kind == "tfds":
+        return int(src.builder.info.features["label"].num_classes)
+    if src.kind == "folder":
+        return len(src._folder_split(data_config.eval_train_split).class_names)
+    return 10
+
+
 def num_channels(data_config: ml_collections.ConfigDict) -> int:
     """Channels of the images the pipeline yields (1 for MNIST, 3 for RGB data)."""
     return _source(data_config).channels
@@ -524,6 +543,16 @@ def _check_boxes(boxes, total: int, split: str) -> np.ndarray:
     return boxes
 
 
+def _check_examples(src: _Source, examples, total: int, split: str) -> np.ndarray:
+    if not src.in_memory:
+        raise ValueError("a subset of the examples of a tfds split cannot be read by index; use a "
+                         "tfds subset dataset (e.g. imagenet2012_subset/1pct) or a folder source")
+    examples = np.asarray(examples, np.int64)
+    if examples.size and (examples.min() < 0 or examples.max() >= total):
+        raise ValueError(f"example indices must lie in [0, {total}) for split {split!r}")
+    return examples
+
+
 def _fill_gaps(ds: tf.data.Dataset) -> tf.data.Dataset:
     """Elements `(position, x)`, positions counting up from 0 with some missing -> one x per
     position, a missing position taking the next present element.
@@ -552,6 +581,7 @@ def create_pretrain_dataset(
     boxes: np.ndarray | None = None,
     ccrop_alpha: float = 0.6,
     ccrop_from_epoch: int = 0,
+    examples: np.ndarray | None = None,
 ) -> tf.data.Dataset:
     """The infinite multi-crop train stream of this process, batched.
 
@@ -567,6 +597,9 @@ def create_pretrain_dataset(
     crops with ContrastiveCrop (Beta(ccrop_alpha, ccrop_alpha) centres inside the box), earlier
     ones with RandomResizedCrop, as the official `train_set.use_box` flips at an epoch boundary.
     The stream is a pure function of (seed, step, boxes); new boxes take a new dataset.
+
+    `examples` (indices into the split, in-memory sources only) restricts the stream to those
+    examples, e.g. a labelled subset for semi-supervised fine-tuning.
     """
     config = data_config
     pi, pc = _process(process_index, process_count)
@@ -574,6 +607,9 @@ def create_pretrain_dataset(
     src = _source(config)
     split = config.train_split
     total = src.num_examples(split)
+    if examples is not None:
+        examples = _check_examples(src, examples, total, split)
+        total = len(examples)
     per_host = total // pc  # equal shards, so every host has the same epoch length
     if per_host == 0:
         raise ValueError(f"split {split!r} has {total} examples, fewer than {pc} processes")
@@ -583,8 +619,12 @@ def create_pretrain_dataset(
 
     if src.in_memory:
 
+        subset = None if examples is None else tf.constant(examples)
+
         def epoch_elements(epoch):
             perm = _epoch_permutation(seed, epoch, total)[lo:hi]
+            if subset is not None:
+                perm = tf.gather(subset, perm)
             return tf.data.Dataset.from_tensor_slices(perm).map(lambda i: (epoch, i))
 
     else:
@@ -644,7 +684,8 @@ def num_eval_batches(num: int, global_batch_size: int, process_count: int) -> in
 
 
 def _padded_pass(config, split: str, view_fn, view_size: int, keys: tuple[str, ...], *,
-                 global_batch_size: int, process_index, process_count) -> tf.data.Dataset:
+                 global_batch_size: int, process_index, process_count,
+                 examples: np.ndarray | None = None) -> tf.data.Dataset:
     """One pass over this process's contiguous shard of `split` in index order, padded.
 
     Yields the `keys` of {"image": view_fn(uint8 image) float32 [b, S, S, C], "label": int32 [b],
@@ -653,15 +694,21 @@ def _padded_pass(config, split: str, view_fn, view_size: int, keys: tuple[str, .
     are the split, each exactly once. An image that fails to decode (a tfds record, or a folder
     file damaged after `scan_image_folder` checked it) is dropped with its row: every row carries
     its own index and label, so no other row moves to a wrong one, and the padding makes up the
-    count.
+    count. `examples` (indices into the split, in-memory sources only) makes the pass over
+    those examples alone, in their order.
     """
     pi, pc = _process(process_index, process_count)
     batch = per_process_batch_size(global_batch_size, pc)
     src = _source(config)
     total = src.num_examples(split)
+    if examples is not None:
+        examples = _check_examples(src, examples, total, split)
+        total = len(examples)
     steps = num_eval_batches(total, global_batch_size, pc)
     lo, hi = pi * total // pc, (pi + 1) * total // pc
-    if src.in_memory:
+    if examples is not None:
+        ds = tf.data.Dataset.from_tensor_slices(examples[lo:hi])
+    elif src.in_memory:
         ds = tf.data.Dataset.range(lo, hi)
     else:
         paths, lengths = src.tfds_shards(split)
@@ -694,8 +741,10 @@ def create_eval_dataset(
     global_batch_size: int,
     process_index: int | None = None,
     process_count: int | None = None,
+    examples: np.ndarray | None = None,
 ) -> tf.data.Dataset:
-    """One pass over this process's shard of `split`, resized and centre-cropped, padded.
+    """One pass over this process's shard of `split` (or of its `examples`), resized and
+    centre-cropped, padded.
 
     Yields {"image": float32 [b, S, S, C], "label": int32 [b], "mask": bool [b]}; `mask` is False
     on padding. All processes yield the same number of batches (`num_eval_batches`), and the
@@ -713,7 +762,7 @@ def create_eval_dataset(
 
     return _padded_pass(config, split, view, config.eval_crop_size, ("image", "label", "mask"),
                         global_batch_size=global_batch_size, process_index=process_index,
-                        process_count=process_count)
+                        process_count=process_count, examples=examples)
 
 
 def create_box_dataset(

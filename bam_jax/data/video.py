@@ -73,6 +73,16 @@ def read_indexed_png(path: epath.Path) -> np.ndarray:
         return np.asarray(image, np.uint8)
 
 
+def prepare_frames(frames: np.ndarray, size: tuple[int, int], channels: int, mean, std):
+    """The frames as the backbone sees them: uint8 [T, H, W, c] -> normalised float32
+    [T, h, w, channels], resized bilinearly as the official cv2.resize."""
+    x = tf.convert_to_tensor(frames)
+    if x.shape[-1] != channels:
+        x = tf.image.rgb_to_grayscale(x) if channels == 1 else tf.image.grayscale_to_rgb(x)
+    x = tf.image.resize(tf.cast(x, tf.float32) / 255.0, size, method="bilinear")
+    return ((x - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)).numpy()
+
+
 def synthetic_digit_videos(*, num_sequences: int = 4, num_frames: int = 12, size: int = 64,
                            seed: int = 0) -> list[Sequence]:
     """Seeded sequences of 2 or 3 held-out bundled digits (the `test` split) moving at constant

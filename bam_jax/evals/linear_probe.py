@@ -27,7 +27,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import tensorflow as tf
 from flax import nnx
 
 from bam_jax import checkpoint as checkpoint_lib
@@ -42,7 +41,7 @@ from bam_jax.evals import features
 def create_supervised_dataset(data_config: ml_collections.ConfigDict, split: str, *,
                               global_batch_size: int, seed: int, start_step: int = 0,
                               process_index: int | None = None,
-                              process_count: int | None = None) -> tf.data.Dataset:
+                              process_count: int | None = None) -> "tf.data.Dataset":
     """Infinite {"image" [b, S, S, C], "label" [b]} batches of `split`: RandomResizedCrop(
     global_crop_size, global_crops_scale) + horizontal flip (flip_prob) + normalisation.
 
@@ -130,7 +129,7 @@ def make_train_step(config, feature_fn, head_graphdef, optimizer, learning_rate,
 # ---------------------------------------------------------------------------------------------
 # The run.
 # ---------------------------------------------------------------------------------------------
-def _pretraining(config: ml_collections.ConfigDict, mesh):
+def pretrained_backbone(config: ml_collections.ConfigDict, mesh):
     """(graphdef, (params, model_state)) of the frozen backbone, and a line saying which."""
     if config.pretrained_workdir:
         pre_config = checkpoint_lib.read_run_config(config.pretrained_workdir)
@@ -208,7 +207,7 @@ def _train_linear(config: ml_collections.ConfigDict, workdir: str, signals, lock
     epoch_steps = pipeline.steps_per_epoch(data, config.batch_size, data.eval_train_split)
     total_steps = train.total_train_steps(config, epoch_steps)
 
-    backbone_graphdef, backbone, which = _pretraining(config, mesh)
+    backbone_graphdef, backbone, which = pretrained_backbone(config, mesh)
     backbone_shardings = jax.tree.map(lambda x: x.sharding, backbone)
     in_dim = nnx.merge(backbone_graphdef, *backbone).backbone.feature_dim(
         config.n_last_blocks, config.avgpool)

@@ -32,7 +32,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import tensorflow as tf
 from etils import epath
 from flax import nnx
 from scipy import ndimage
@@ -269,15 +268,6 @@ class _Features:
         return np.concatenate(out)
 
 
-def _prepare_frames(frames: np.ndarray, size: tuple[int, int], channels: int, mean, std):
-    """uint8 [T, H, W, c] -> normalised float32 [T, h, w, channels] (bilinear, as cv2.resize)."""
-    x = tf.convert_to_tensor(frames)
-    if x.shape[-1] != channels:
-        x = tf.image.rgb_to_grayscale(x) if channels == 1 else tf.image.grayscale_to_rgb(x)
-    x = tf.image.resize(tf.cast(x, tf.float32) / 255.0, size, method="bilinear")
-    return ((x - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)).numpy()
-
-
 def segment_sequence(sequence: video.Sequence, features: _Features, config, channels: int,
                      mean, std) -> np.ndarray:
     """Predicted object ids [T, H, W] (frame 0 is the given annotation)."""
@@ -290,7 +280,7 @@ def segment_sequence(sequence: video.Sequence, features: _Features, config, chan
                          f"feature stride {stride}; set --config.video.short_side to a multiple "
                          f"of {stride}")
     h, w = size[0] // stride, size[1] // stride
-    feats = features(_prepare_frames(sequence.frames, size, channels, mean, std))
+    feats = features(video.prepare_frames(sequence.frames, size, channels, mean, std))
     feats = feats.reshape(num_frames, h * w, -1)
     num_labels = int(sequence.masks[0][sequence.masks[0] != video.VOID].max(initial=0)) + 1
     first = resize_nearest(sequence.masks[0], h, w).reshape(-1)
