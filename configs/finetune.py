@@ -6,7 +6,7 @@ python -m bam_jax.evals.finetune --config=configs/finetune.py --workdir=gs://BUC
     --config.pretrained_workdir=gs://BUCKET/bam_vit_b --config.data.data_dir=gs://BUCKET/tfds
 Semi-supervised: add --config.label_fraction=0.01 (or 0.1): tfds imagenet2012_subset/1pct (10pct),
 SimCLR's subsets. Transfer: --config.data.tfds_name=cifar10 --config.data.eval_split=test (any
-tfds classification dataset; the class count is read from it), see configs/finetune_transfer.py.
+tfds classification dataset; the class count is read from it), configs/finetune_transfer.py sets the recipe per dataset.
 """
 
 import ml_collections

@@ -259,6 +259,20 @@ def test_features_match_torch(torch_nets, jax_nets, variant, size):
     np.testing.assert_allclose(ours, expected, atol=1e-4, rtol=1e-4)
 
 
+def test_patch_features_are_the_head_normed_last_stage_map(torch_nets, jax_nets):
+    """Video segmentation's per-location features: each location of the last stage's map
+    through the head's LayerNorm, on the stride-32 grid."""
+    images = _images(96)[:, :, :64]  # 96 x 64 pixels -> 3 x 2 locations
+    net = torch_nets["bam"]
+    with torch.no_grad():
+        x = torch.from_numpy(images).permute(0, 3, 1, 2)
+        x = net.stages(net.stem(x))
+        expected = net.head.norm(x).permute(0, 2, 3, 1).numpy()
+    ours = np.asarray(jax.jit(lambda x: jax_nets["bam"].patch_features(x))(images))
+    assert ours.shape == (2, 3, 2, DIMS[-1]) and jax_nets["bam"].feature_stride == 32
+    np.testing.assert_allclose(ours, expected, atol=1e-4, rtol=1e-4)
+
+
 def test_bfloat16_compute_stays_close(checkpoints):
     """bf16 compute (the recipe's), float32 parameters and output: close to float32."""
     model = convert.load_torch_caformer(checkpoints["bam"])

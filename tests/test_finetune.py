@@ -179,3 +179,18 @@ def test_unknown_tfds_dataset_is_refused(pretrained, tmp_path):
     config.data.update(source="tfds", tfds_name="no_such_dataset", data_dir=str(tmp_path))
     with pytest.raises(ValueError, match="no_such_dataset"):
         finetune.finetune(config, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("dataset", ["cifar100", "oxford_flowers102"])
+def test_transfer_config_reads_the_named_tfds_dataset(dataset, tmp_path):
+    from configs import finetune_transfer  # noqa: PLC0415
+
+    config = finetune_transfer.get_config(dataset)
+    config.update(random_init=True)
+    config.data.data_dir = str(tmp_path / "tfds")
+    with pytest.raises(ValueError, match=f"tfds dataset '{dataset}' is not prepared in"):
+        finetune.finetune(config, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="unknown transfer dataset 'mnist'"):
+        finetune_transfer.get_config("mnist")

@@ -96,6 +96,7 @@ def test_no_pretrained_workdir_is_one_clear_error(tmp_path):
     config = tiny_probe_config("")
     with pytest.raises(ValueError, match="pretrained_workdir=DIR"):
         linear_probe.train_linear(config, str(tmp_path / "probe"))
+    assert not (tmp_path / "probe").exists()
 
 
 def test_backbone_runs_in_float32_whatever_the_pretraining_dtype():

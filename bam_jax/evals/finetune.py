@@ -216,6 +216,12 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
     if config.protocol not in ("finetune", "logistic_regression"):
         raise ValueError(f"config.protocol {config.protocol!r}: use 'finetune' or "
                          f"'logistic_regression'")
+    # Inputs first: a missing backbone or an unknown or unprepared dataset is refused before
+    # the workdir exists.
+    linear_probe.check_backbone_source(config)
+    data = _resolve_data(config)
+    for split in (data.train_split, data.eval_split):
+        pipeline.num_examples(data, split)
     with train.StopSignals() as signals, train.workdir_lock(workdir) as lock:
         if config.protocol == "logistic_regression":
             return _logistic_regression(config, workdir)

@@ -129,15 +129,21 @@ def make_train_step(config, feature_fn, head_graphdef, optimizer, learning_rate,
 # ---------------------------------------------------------------------------------------------
 # The run.
 # ---------------------------------------------------------------------------------------------
-def pretrained_backbone(config: ml_collections.ConfigDict, mesh):
-    """(graphdef, (params, model_state)) of the frozen backbone, and a line saying which."""
-    if config.pretrained_workdir:
-        pre_config = checkpoint_lib.read_run_config(config.pretrained_workdir)
-    elif config.random_init:
-        pre_config = config.pretrain.copy_and_resolve_references()
-    else:
+def check_backbone_source(config: ml_collections.ConfigDict) -> None:
+    """Refuses, before anything is created, a config naming neither a pretraining workdir nor
+    the random-init baseline."""
+    if not config.pretrained_workdir and not config.random_init:
         raise ValueError("set --config.pretrained_workdir=DIR (a pretraining workdir) or "
                          "--config.random_init=True for the random-init baseline")
+
+
+def pretrained_backbone(config: ml_collections.ConfigDict, mesh):
+    """(graphdef, (params, model_state)) of the frozen backbone, and a line saying which."""
+    check_backbone_source(config)
+    if config.pretrained_workdir:
+        pre_config = checkpoint_lib.read_run_config(config.pretrained_workdir)
+    else:
+        pre_config = config.pretrain.copy_and_resolve_references()
     # The official eval_linear.py runs the frozen backbone in float32, whatever the pretraining
     # compute dtype was (the parameters are float32 either way, so the checkpoint still fits).
     pre_config.model.dtype = config.backbone_dtype
@@ -188,6 +194,7 @@ class _Evaluator:
 def train_linear(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains (or resumes) the probe in `workdir`, which it owns meanwhile (a lease, as
     pretraining); SIGTERM / Ctrl-C save and stop as there. Returns the final metrics."""
+    check_backbone_source(config)
     with train.StopSignals() as signals, train.workdir_lock(workdir) as lock:
         return _train_linear(config, workdir, signals, lock)
 

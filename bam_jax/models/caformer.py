@@ -316,6 +316,17 @@ class CAFormer(nnx.Module):
         del n_last_blocks, avgpool
         return self(x, deterministic=True)
 
+    @property
+    def feature_stride(self) -> int:
+        """Pixels per last-stage location: the stem's 4, then 2 per further stage (32)."""
+        return 4 * 2 ** (len(self.stages) - 1)
+
+    def patch_features(self, x) -> jax.Array:
+        """Eval-mode last-stage map, each location normed by the head's LayerNorm, [B, h, w,
+        dims[-1]] (float32): per-location features for video segmentation (the official script
+        takes ViT patch tokens; this is the CAFormer's counterpart)."""
+        return self.head_norm(self.forward_features(x).astype(jnp.float32)).astype(jnp.float32)
+
     def last_self_attention(self, x) -> jax.Array:
         """Attention probabilities of the last block of the last stage [B, heads, N, N]
         (N: that stage's tokens, row-major over its grid; queries on axis 2)."""
