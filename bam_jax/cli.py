@@ -27,6 +27,20 @@ def error_line(program: str, error: BaseException) -> str:
     return f"{program}: error: {first_line(error)}"
 
 
+def run_or_exit(program: str, fn: Callable[..., Any], *args,
+                errors: tuple[type[BaseException], ...] = (), **kwargs) -> Any:
+    """`fn(*args, **kwargs)` for an evaluation entry point, with absl's INFO logs off; an error
+    the user can fix (ValueError, OSError, or one of `errors`) is its one stderr line, exit 2."""
+    import logging  # noqa: PLC0415
+
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    try:
+        return fn(*args, **kwargs)
+    except (ValueError, OSError, *errors) as error:
+        print(error_line(program, error), file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
 def flags_parser(program: str) -> Callable[[list[str]], list[str]]:
     """absl's parser, but a bad flag (an unknown --config.x, a value of the wrong type, a config
     file that is missing or broken) is one `PROGRAM: error:` line and exit 2, like every other

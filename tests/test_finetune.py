@@ -7,11 +7,9 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
-from bam_jax import train
 from bam_jax.data import pipeline
 from bam_jax.evals import finetune
 from configs import finetune_default

@@ -18,10 +18,7 @@ metrics.jsonl with `finetune_top1`, `finetune_top5` and `finetune_best_top1` at 
 from __future__ import annotations
 
 import functools
-import json
-import logging
 import re
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -419,7 +416,8 @@ def _finetune(config, workdir, signals, lock) -> dict[str, float]:
         if config.ema.enabled:
             results["finetune_ema_top1"], results["finetune_ema_top5"] = evaluator.evaluate(
                 state.teacher_params, state.teacher_model_state)
-        return _log_eval(results, step, logger, workdir)
+        return linear_probe.log_evaluation(results, step, logger, workdir, prefix="finetune",
+                                           title="fine-tuning")
 
     def after_step(step, state, is_last):
         return evaluate(step, state) if step % eval_every == 0 or is_last else {}
@@ -450,29 +448,10 @@ def _line(metrics: dict[str, float]) -> str:
             f"{metrics['train_top1']:.1f}")
 
 
-def _log_eval(results, step, logger, workdir) -> dict[str, float]:
-    """Writes one evaluation, with the best top-1 of this run so far (resumes included)."""
-    best = results["finetune_top1"]
-    path = checkpoint_lib.workdir_path(workdir) / "metrics.jsonl"
-    if path.exists():
-        best = max([best] + [row["finetune_top1"] for row in map(json.loads,
-                                                                  path.read_text().splitlines())
-                             if "finetune_top1" in row])
-    results = dict(results, finetune_best_top1=best)
-    logger.write(step, results)
-    print(f"fine-tuning at step {step}: top-1 {results['finetune_top1']:.2f}  top-5 "
-          f"{results['finetune_top5']:.2f}  best top-1 {best:.2f}", flush=True)
-    return results
-
-
 def _main(argv, config_flag, workdir_flag):
     del argv
-    logging.getLogger("absl").setLevel(logging.WARNING)
-    try:
-        result = finetune(config_flag.value, workdir_flag.value)
-    except (ValueError, OSError, train.RunInterrupted) as error:
-        print(cli.error_line("bam_jax.evals.finetune", error), file=sys.stderr, flush=True)
-        sys.exit(2)
+    result = cli.run_or_exit("bam_jax.evals.finetune", finetune, config_flag.value,
+                             workdir_flag.value, errors=(train.RunInterrupted,))
     prefix = "logreg" if "logreg_top1" in result else "finetune"
     best = (f"  best top-1 {result['finetune_best_top1']:.2f}" if prefix == "finetune" else "")
     print(f"done: step {result['step']}  top-1 {result[prefix + '_top1']:.2f}  top-5 "

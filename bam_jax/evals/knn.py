@@ -27,8 +27,6 @@ from __future__ import annotations
 import functools
 import math
 
-import logging
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -284,12 +282,8 @@ def knn_eval(workdir: str, overrides: ml_collections.ConfigDict | None = None, *
 
 def _main(argv, config_flag, workdir_flag, random_init_flag):
     del argv
-    logging.getLogger("absl").setLevel(logging.WARNING)
-    try:
-        knn_eval(workdir_flag.value, config_flag.value, random_init=random_init_flag.value)
-    except (ValueError, OSError) as error:
-        print(cli.error_line("bam_jax.evals.knn", error), file=sys.stderr, flush=True)
-        sys.exit(2)
+    cli.run_or_exit("bam_jax.evals.knn", knn_eval, workdir_flag.value, config_flag.value,
+                    random_init=random_init_flag.value)
 
 
 if __name__ == "__main__":

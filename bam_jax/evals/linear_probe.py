@@ -19,8 +19,7 @@ config.json and metrics.jsonl.
 from __future__ import annotations
 
 import json
-import logging
-import sys
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +27,9 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
+
+if TYPE_CHECKING:
+    import tensorflow as tf
 
 from bam_jax import checkpoint as checkpoint_lib
 from bam_jax import cli, sharding, train
@@ -41,7 +43,7 @@ from bam_jax.evals import features
 def create_supervised_dataset(data_config: ml_collections.ConfigDict, split: str, *,
                               global_batch_size: int, seed: int, start_step: int = 0,
                               process_index: int | None = None,
-                              process_count: int | None = None) -> "tf.data.Dataset":
+                              process_count: int | None = None) -> tf.data.Dataset:
     """Infinite {"image" [b, S, S, C], "label" [b]} batches of `split`: RandomResizedCrop(
     global_crop_size, global_crops_scale) + horizontal flip (flip_prob) + normalisation.
 
@@ -215,7 +217,6 @@ def _train_linear(config: ml_collections.ConfigDict, workdir: str, signals, lock
     total_steps = train.total_train_steps(config, epoch_steps)
 
     backbone_graphdef, backbone, which = pretrained_backbone(config, mesh)
-    backbone_shardings = jax.tree.map(lambda x: x.sharding, backbone)
     in_dim = nnx.merge(backbone_graphdef, *backbone).backbone.feature_dim(
         config.n_last_blocks, config.avgpool)
     num_classes = config.num_classes
@@ -256,7 +257,7 @@ def _train_linear(config: ml_collections.ConfigDict, workdir: str, signals, lock
 
     def after_step(step, state, is_last):
         if step % eval_every == 0 or is_last:
-            return _log_eval(evaluator.evaluate(backbone, state), step, logger, workdir)
+            return log_evaluation(evaluator.evaluate(backbone, state), step, logger, workdir)
         return {}
 
     state, step, final = train.run_loop(
@@ -264,34 +265,32 @@ def _train_linear(config: ml_collections.ConfigDict, workdir: str, signals, lock
         epoch_steps=epoch_steps, checkpointer=checkpointer, logger=logger, signals=signals,
         lock=lock, last_saved=start_step if resumed else None, after_step=after_step)
     if start_step >= total_steps:  # resumed a finished probe: report it again
-        final.update(_log_eval(evaluator.evaluate(backbone, state), step, logger, workdir))
+        final.update(log_evaluation(evaluator.evaluate(backbone, state), step, logger, workdir))
     logger.close()
     return dict(final, step=step)
 
 
-def _log_eval(results, step, logger, workdir) -> dict[str, float]:
-    """Writes one evaluation, with the best top-1 of this probe so far (resumes included)."""
-    best = results["linear_top1"]
+def log_evaluation(results: dict[str, float], step: int, logger, workdir: str, *,
+                   prefix: str = "linear", title: str = "linear probe") -> dict[str, float]:
+    """Writes one evaluation with `{prefix}_best_top1`, the best `{prefix}_top1` of this run so
+    far (resumes included, read back from metrics.jsonl), and prints it."""
+    key = f"{prefix}_top1"
+    best = results[key]
     path = checkpoint_lib.workdir_path(workdir) / "metrics.jsonl"
     if path.exists():
-        best = max([best] + [row["linear_top1"] for row in map(json.loads, path.read_text()
-                                                                 .splitlines())
-                             if "linear_top1" in row])
-    results = dict(results, linear_best_top1=best)
+        best = max([best] + [row[key] for row in map(json.loads, path.read_text().splitlines())
+                             if key in row])
+    results = dict(results, **{f"{prefix}_best_top1": best})
     logger.write(step, results)
-    print(f"linear probe at step {step}: top-1 {results['linear_top1']:.2f}  top-5 "
-          f"{results['linear_top5']:.2f}  best top-1 {best:.2f}", flush=True)
+    print(f"{title} at step {step}: top-1 {results[key]:.2f}  top-5 "
+          f"{results[prefix + '_top5']:.2f}  best top-1 {best:.2f}", flush=True)
     return results
 
 
 def _main(argv, config_flag, workdir_flag):
     del argv
-    logging.getLogger("absl").setLevel(logging.WARNING)
-    try:
-        result = train_linear(config_flag.value, workdir_flag.value)
-    except (ValueError, OSError, train.RunInterrupted) as error:
-        print(cli.error_line("bam_jax.evals.linear_probe", error), file=sys.stderr, flush=True)
-        sys.exit(2)
+    result = cli.run_or_exit("bam_jax.evals.linear_probe", train_linear, config_flag.value,
+                             workdir_flag.value, errors=(train.RunInterrupted,))
     print(f"done: step {result['step']}  top-1 {result['linear_top1']:.2f}  top-5 "
           f"{result['linear_top5']:.2f}  best top-1 {result['linear_best_top1']:.2f}", flush=True)
 

@@ -13,8 +13,6 @@ Writes PNG files into DIR (matplotlib, Agg backend):
 from __future__ import annotations
 
 import json
-import logging
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -206,12 +204,7 @@ def make_pictures(workdir: str) -> list[str]:
 
 def _main(argv, workdir_flag):
     del argv
-    logging.getLogger("absl").setLevel(logging.WARNING)
-    try:
-        make_pictures(workdir_flag.value)
-    except (ValueError, OSError) as error:
-        print(cli.error_line("bam_jax.evals.pictures", error), file=sys.stderr, flush=True)
-        sys.exit(2)
+    cli.run_or_exit("bam_jax.evals.pictures", make_pictures, workdir_flag.value)
 
 
 if __name__ == "__main__":

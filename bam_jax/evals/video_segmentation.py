@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import csv
 import functools
-import logging
 import math
-import sys
 import time
 
 import jax
@@ -395,14 +393,9 @@ def evaluate(workdir: str, overrides: ml_collections.ConfigDict | None = None, *
 
 def _main(argv, config_flag, workdir_flag, output_flag, random_init_flag):
     del argv
-    logging.getLogger("absl").setLevel(logging.WARNING)
-    try:
-        evaluate(workdir_flag.value, config_flag.value, output_dir=output_flag.value,
-                 random_init=random_init_flag.value)
-    except (ValueError, OSError) as error:
-        print(cli.error_line("bam_jax.evals.video_segmentation", error), file=sys.stderr,
-              flush=True)
-        sys.exit(2)
+    cli.run_or_exit("bam_jax.evals.video_segmentation", evaluate, workdir_flag.value,
+                    config_flag.value, output_dir=output_flag.value,
+                    random_init=random_init_flag.value)
 
 
 if __name__ == "__main__":
