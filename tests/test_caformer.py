@@ -567,6 +567,37 @@ def test_export_and_linear_probe_and_pictures(caformer_run, tmp_path):
     assert any(p.endswith("attention.png") for p in paths)
 
 
+def test_finetuning_and_video_segmentation_take_the_caformer(caformer_run, tmp_path):
+    """Layer decay by stage (the head's factor 1, the stem's decay ** 5), 2 fine-tuning steps,
+    and label propagation on its stride-32 map of 64-pixel synthetic videos."""
+    from bam_jax.evals import finetune, video_segmentation
+    from configs import finetune_default
+
+    workdir, _ = caformer_run
+    config = finetune_default.get_config()
+    config.update(pretrained_workdir=workdir, label_fraction=0.1, num_train_steps=2,
+                  batch_size=16, eval_batch_size=250, async_checkpointing=False)
+    config.mesh.num_devices = 2
+    result = finetune.finetune(config, str(tmp_path / "finetune"))
+    assert result["step"] == 2 and 0.0 <= result["finetune_top1"] <= 100.0
+    step, teacher = convert.backbone_from_workdir(workdir)
+    classifier = finetune.Classifier(teacher, 10, rngs=nnx.Rngs(0))
+    scales = {"/".join(map(str, path)): float(v.get_value()) for path, v in nnx.to_flat_state(
+        finetune.layer_scales(nnx.state(classifier, nnx.Param), 0.5))}
+    assert scales["head/kernel"] == 1.0
+    assert scales["backbone/stages/3/blocks/0/mlp/fc1/kernel"] == 0.5 ** 1
+    assert scales["backbone/stages/0/blocks/0/mlp/fc1/kernel"] == 0.5 ** 4
+    assert min(scales.values()) == 0.5 ** 5  # the stem
+
+    overrides = video_segmentation.overrides_config()
+    overrides.video.update(synthetic_sequences=1, synthetic_frames=4)
+    overrides.mesh.num_devices = 2
+    copy = str(tmp_path / "run")  # the evaluation appends to the run's metrics.jsonl
+    shutil.copytree(workdir, copy)
+    video_segmentation.evaluate(copy, overrides, output_dir=str(tmp_path / "video"))
+    assert (tmp_path / "video" / "per_sequence.csv").exists()
+
+
 def test_remat_cuts_the_saved_activations_the_benchmark_reports():
     """`benchmark --compile_only`'s saved activations (traced, not compiled): remat in groups
     keeps only the group inputs."""
