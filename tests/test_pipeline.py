@@ -228,6 +228,32 @@ def test_folder_eval_split_labels(image_folder):
     assert sorted(labels.tolist()) == [0, 0, 1, 1, 2, 2]
 
 
+def test_a_subset_of_examples_is_all_that_both_streams_read(image_folder):
+    """`examples=` (a labelled subset): the eval pass yields exactly those rows, in their order,
+    split over processes; the train stream draws every epoch from them alone."""
+    c = _folder_config(image_folder)
+    c.eval_resize = c.eval_crop_size
+    examples = np.array([7, 2, 9, 0, 4])
+    full = list(ip.create_eval_dataset(c, "train", global_batch_size=4).as_numpy_iterator())
+    images = np.concatenate([b["image"][b["mask"]] for b in full])
+    labels = np.concatenate([b["label"][b["mask"]] for b in full])
+    parts = [list(ip.create_eval_dataset(c, "train", global_batch_size=4, examples=examples,
+                                         process_index=p, process_count=2).as_numpy_iterator())
+             for p in range(2)]
+    sub = [b for part in parts for b in part]
+    np.testing.assert_array_equal(np.concatenate([b["image"][b["mask"]] for b in sub]),
+                                  images[examples])
+    np.testing.assert_array_equal(np.concatenate([b["label"][b["mask"]] for b in sub]),
+                                  labels[examples])
+
+    c.update(global_crops_number=1, local_crops_number=0, global_crops_scale=(1.0, 1.0))
+    stream = ip.create_pretrain_dataset(c, global_batch_size=5, seed=0, examples=examples)
+    for batch in stream.take(3).as_numpy_iterator():  # 3 epochs of the 5 examples
+        assert sorted(batch["label"].tolist()) == sorted(labels[examples].tolist())
+    with pytest.raises(ValueError, match=r"example indices must lie in \[0, 12\)"):
+        ip.create_eval_dataset(c, "train", global_batch_size=4, examples=np.array([12]))
+
+
 def test_eval_sharding_covers_split_once():
     c = _tiny()
     single = list(ip.create_eval_dataset(c, "test", global_batch_size=24, process_index=0,
