@@ -145,9 +145,7 @@ def labelled_examples(config: ml_collections.ConfigDict) -> np.ndarray | None:
     every example, or a tfds dataset that is itself the subset)."""
     if config.label_fraction >= 1.0 or config.data.source == "tfds":
         return None
-    data = config.data.copy_and_resolve_references()
-    data.train_split = data.eval_train_split
-    labels = pipeline.labels(data, data.eval_train_split)
+    labels = pipeline.labels(config.data, config.data.eval_train_split)
     return np.sort(knn.balanced_subset_indices(labels, config.label_fraction, seed=config.seed))
 
 
@@ -221,8 +219,8 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
         pipeline.num_examples(data, split)
     with train.StopSignals() as signals, train.workdir_lock(workdir) as lock:
         if config.protocol == "logistic_regression":
-            return _logistic_regression(config, workdir)
-        return _finetune(config, workdir, signals, lock)
+            return _logistic_regression(config, data, workdir)
+        return _finetune(config, data, workdir, signals, lock)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,14 +257,13 @@ def fit_logistic_regression(features: jax.Array, labels: jax.Array, mask: jax.Ar
     return params
 
 
-def _logistic_regression(config, workdir) -> dict[str, float]:
+def _logistic_regression(config, data, workdir) -> dict[str, float]:
     """Frozen backbone features (centre crops, L2-normalised as DINO's) of the labelled
     examples and of the held-out split; a logistic regression fitted on the first, scored on
     the second; `logreg_top1` / `logreg_top5` appended to workdir/metrics.jsonl."""
     checkpoint_lib.workdir_path(workdir).mkdir(parents=True, exist_ok=True)
     mesh = sharding.make_mesh(config)
     sharding.check_global_batch(config.eval_batch_size, mesh)
-    data = _resolve_data(config)
     examples = labelled_examples(config)
     num_classes = config.num_classes or pipeline.num_classes(data)
     graphdef, (params, model_state), which = linear_probe.pretrained_backbone(config, mesh)
@@ -304,12 +301,11 @@ def _logistic_regression(config, workdir) -> dict[str, float]:
     return dict(results, step=0)
 
 
-def _finetune(config, workdir, signals, lock) -> dict[str, float]:
+def _finetune(config, data, workdir, signals, lock) -> dict[str, float]:
     checkpoint_lib.workdir_path(workdir).mkdir(parents=True, exist_ok=True)
     mesh = sharding.make_mesh(config)
     sharding.check_global_batch(config.batch_size, mesh)
     sharding.check_global_batch(config.eval_batch_size, mesh)
-    data = _resolve_data(config)
     examples = labelled_examples(config)
     num_train = len(examples) if examples is not None else pipeline.num_examples(
         data, data.train_split)
