@@ -11,7 +11,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -23,10 +23,13 @@ _LOG = logging.getLogger(__name__)
 BATCH_AXES = ("data", "fsdp")
 
 
-def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+def make_mesh(config: ml_collections.ConfigDict,
+              devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
     """The mesh of `config.mesh`: `fsdp` devices share each parameter; `num_devices` > 0 uses
-    only the first that many devices (single-process runs)."""
-    devices = jax.devices()
+    only the first that many devices (single-process runs). `devices` defaults to this
+    process's; a described TPU topology's devices give the mesh an ahead-of-time compile
+    targets (`bam_jax.tools.aot`)."""
+    devices = jax.devices() if devices is None else list(devices)
     if config.mesh.num_devices > 0:
         if config.mesh.num_devices > len(devices) or jax.process_count() > 1:
             raise ValueError(f"config.mesh.num_devices={config.mesh.num_devices} needs a single "

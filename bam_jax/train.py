@@ -314,6 +314,64 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
     return train_step
 
 
+def compile_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
+                       optimizer: optax.GradientTransformation, schedules: Schedules,
+                       mesh: jax.sharding.Mesh, shardings: TrainState, state: Any,
+                       batch: dict[str, Any]):
+    """The train step as every run compiles it: the state donated and kept in `shardings`, each
+    batch leaf split over the mesh. `state` and `batch` are arrays, or `jax.ShapeDtypeStruct`s
+    for a compile that allocates nothing."""
+    batch_sharding = sharding.batch_sharding(mesh)
+    step_fn = make_train_step(config, graphdef, optimizer, schedules, mesh)
+    with jax.set_mesh(mesh):
+        return jax.jit(step_fn, donate_argnums=(0,),
+                       in_shardings=(shardings, jax.tree.map(lambda _: batch_sharding, batch)),
+                       out_shardings=(shardings, None)).lower(state, batch).compile()
+
+
+def abstract_batch(config: ml_collections.ConfigDict, num_channels: int,
+                   batch_sharding: jax.sharding.Sharding) -> dict[str, jax.ShapeDtypeStruct]:
+    """The shapes of the pipeline's train batch (crops and labels), without allocating it."""
+    data = config.data
+
+    def crops(number: int, size: int) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct((config.batch_size, number, size, size, num_channels),
+                                    jnp.float32, sharding=batch_sharding)
+
+    batch = {"global_crops": crops(data.global_crops_number, data.global_crop_size),
+             "label": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32,
+                                           sharding=batch_sharding)}
+    if data.local_crops_number:
+        batch["local_crops"] = crops(data.local_crops_number, data.local_crop_size)
+    return batch
+
+
+class AbstractStep(NamedTuple):
+    compiled: Any  # jax.stages.Compiled
+    graphdef: nnx.GraphDef
+    state: TrainState  # ShapeDtypeStructs with their shardings
+    batch: dict[str, jax.ShapeDtypeStruct]
+
+
+def compile_from_shapes(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *,
+                        num_channels: int) -> AbstractStep:
+    """The train step compiled from shapes alone, no parameter or image allocated: the memory
+    and FLOPs of a batch too large to run here, or of devices that are only described (a TPU
+    topology). The schedules' lengths do not change the program."""
+    optimizer = make_optimizer(config)
+    create_model = model_factory(config.model, num_channels=num_channels,
+                                 image_size=config.data.global_crop_size, seed=config.seed)
+    graphdef, _, abstract_state, shardings = state_layout(
+        create_model, optimizer, config.teacher.enabled, mesh, config.mesh.fsdp_min_size)
+    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                         abstract_state, shardings)
+    batch = abstract_batch(config, num_channels, sharding.batch_sharding(mesh))
+    schedules = make_schedules(config, steps_per_epoch=100, total_steps=1000)
+    compiled = compile_train_step(config, graphdef, optimizer, schedules, mesh, shardings, state,
+                                  batch)
+    return AbstractStep(compiled, graphdef, state, batch)
+
+
 # ---------------------------------------------------------------------------------------------
 # 4. Logging: clu writers (TensorBoard), a console line, and metrics.jsonl.
 # ---------------------------------------------------------------------------------------------
@@ -608,13 +666,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, signals
 
     batches = train_batches(int(jax.device_get(state.step)))
     first_batch = next(batches)
-    batch_sharding = sharding.batch_sharding(mesh)
-    train_step = make_train_step(config, run.graphdef, run.optimizer, run.schedules, mesh)
-    with jax.set_mesh(mesh):
-        compiled_step = jax.jit(
-            train_step, donate_argnums=(0,),
-            in_shardings=(run.shardings, jax.tree.map(lambda _: batch_sharding, first_batch)),
-            out_shardings=(run.shardings, None)).lower(state, first_batch).compile()
+    compiled_step = compile_train_step(config, run.graphdef, run.optimizer, run.schedules, mesh,
+                                       run.shardings, state, first_batch)
     _print_memory_analysis(compiled_step)
 
     logger = MetricsLogger(workdir, run.total_steps, config.batch_size)

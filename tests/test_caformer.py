@@ -612,6 +612,6 @@ def test_remat_cuts_the_saved_activations_the_benchmark_reports():
         mesh = sharding.make_mesh(config)
         graphdef, _, state, _ = train.state_layout(
             train.run_model_factory(config), train.make_optimizer(config), True, mesh, 2**18)
-        batch = benchmark.abstract_batch(config, 1, None)
+        batch = train.abstract_batch(config, 1, None)
         saved[every] = benchmark.saved_activation_bytes(config, graphdef, state, batch)
     assert 0 < saved[2] < saved[0] / 2

@@ -110,19 +110,6 @@ def _median_seconds(fn, *args, steps: int) -> float:
     return statistics.median(times)
 
 
-def abstract_batch(config, num_channels: int, batch_sharding) -> dict[str, jax.ShapeDtypeStruct]:
-    """The shapes of `random_batch`, without allocating it."""
-    data = config.data
-    batch = {"global_crops": jax.ShapeDtypeStruct(
-        (config.batch_size, data.global_crops_number, data.global_crop_size,
-         data.global_crop_size, num_channels), jnp.float32, sharding=batch_sharding)}
-    if data.local_crops_number:
-        batch["local_crops"] = jax.ShapeDtypeStruct(
-            (config.batch_size, data.local_crops_number, data.local_crop_size,
-             data.local_crop_size, num_channels), jnp.float32, sharding=batch_sharding)
-    return batch
-
-
 def saved_activation_bytes(config: ml_collections.ConfigDict, graphdef, state, batch) -> int:
     """Bytes the student's backward keeps from its forward (all views, projector, loss): JAX's
     residuals of the loss w.r.t. the parameters, less those that are arguments (parameters,
@@ -148,23 +135,10 @@ def saved_activation_bytes(config: ml_collections.ConfigDict, graphdef, state, b
 
 def compile_only(config: ml_collections.ConfigDict, *, num_channels: int) -> dict:
     """XLA's FLOPs and per-device memory of the compiled step, from abstract shapes only."""
-    mesh = sharding.make_mesh(config)
-    schedules = train.make_schedules(config, steps_per_epoch=100, total_steps=1000)
-    optimizer = train.make_optimizer(config)
-    create_model = train.model_factory(config.model, num_channels=num_channels,
-                                       image_size=config.data.global_crop_size, seed=config.seed)
-    graphdef, _, abstract_state, shardings = train.state_layout(
-        create_model, optimizer, config.teacher.enabled, mesh, config.mesh.fsdp_min_size)
-    batch_sharding = sharding.batch_sharding(mesh)
-    batch = abstract_batch(config, num_channels, batch_sharding)
-    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                         abstract_state, shardings)
     start = time.perf_counter()
-    with jax.set_mesh(mesh):
-        step_fn = train.make_train_step(config, graphdef, optimizer, schedules, mesh)
-        compiled = jax.jit(step_fn, donate_argnums=(0,),
-                           in_shardings=(shardings, jax.tree.map(lambda _: batch_sharding, batch)),
-                           out_shardings=(shardings, None)).lower(state, batch).compile()
+    compiled, graphdef, state, batch = train.compile_from_shapes(
+        config, sharding.make_mesh(config), num_channels=num_channels)
+    compile_seconds = time.perf_counter() - start
     cost = compiled.cost_analysis()
     memory = compiled.memory_analysis()
     saved = saved_activation_bytes(config, graphdef, state, batch)
@@ -172,7 +146,7 @@ def compile_only(config: ml_collections.ConfigDict, *, num_channels: int) -> dic
         "saved_activation_bytes": saved,
         "backend": jax.default_backend(), "num_devices": jax.device_count(),
         "dtype": config.model.dtype, "batch_size": config.batch_size,
-        "compile_seconds": time.perf_counter() - start,
+        "compile_seconds": compile_seconds,
         "step_flops": float((cost[0] if isinstance(cost, list) else cost).get("flops", 0.0)),
         "temp_bytes": getattr(memory, "temp_size_in_bytes", None),
         "argument_bytes": getattr(memory, "argument_size_in_bytes", None),
@@ -197,10 +171,8 @@ def _prepare(config: ml_collections.ConfigDict, num_channels: int):
     batch = random_batch(config, num_channels, batch_sharding)
     with jax.set_mesh(mesh):
         state = jax.jit(make_state, out_shardings=shardings)()
-        step_fn = train.make_train_step(config, graphdef, optimizer, schedules, mesh)
-        compiled = jax.jit(step_fn, donate_argnums=(0,),
-                           in_shardings=(shardings, jax.tree.map(lambda _: batch_sharding, batch)),
-                           out_shardings=(shardings, None)).lower(state, batch).compile()
+    compiled = train.compile_train_step(config, graphdef, optimizer, schedules, mesh, shardings,
+                                        state, batch)
     cost = compiled.cost_analysis()
     flops = float((cost[0] if isinstance(cost, list) else cost).get("flops", 0.0))
     holder = {"state": state}
