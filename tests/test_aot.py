@@ -73,8 +73,12 @@ def test_report_of_the_step_compiled_for_v5e_2x2(subprocess_env, tiny_config_pat
     # far outside 1e7..1e11 FLOPs, the count is broken.
     assert 1e7 < report["step_flops_per_chip"] < 1e11
     seconds = report["roofline_step_seconds"]
-    assert seconds >= report["step_flops_per_chip"] / report["peak_bf16_flops_per_second"]
-    assert seconds >= report["bytes_accessed_per_chip"] / report["hbm_bytes_per_second"]
+    compute = report["step_flops_per_chip"] / report["peak_bf16_flops_per_second"]
+    memory = report["bytes_accessed_per_chip"] / report["hbm_bytes_per_second"]
+    assert report["roofline_compute_seconds"] == pytest.approx(compute)
+    assert report["roofline_memory_seconds"] == pytest.approx(memory)
+    assert seconds == pytest.approx(max(compute, memory)) and seconds >= compute
+    assert report["roofline_bound"] == ("compute" if compute >= memory else "memory")
     assert report["roofline_images_per_second"] == pytest.approx(32 / seconds)
     assert report["compile_seconds"] > 0
     # Data parallel over 4 chips: the gradients (and the loss's batch statistics) are reduced.

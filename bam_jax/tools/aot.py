@@ -94,7 +94,8 @@ def topology_devices(topology: str, chip: Chip) -> list:
     except jax.errors.JaxRuntimeError as error:
         raise ValueError(f"--topology={topology}: {cli.first_line(error)}") from None
     except RuntimeError as error:  # jax: "JAX TPU support not installed"
-        raise ValueError(f"libtpu is not installed ({cli.first_line(error)}); install it with "
+        raise ValueError(f"libtpu is not installed, so no TPU can be described "
+                         f"({cli.first_line(error)}); install it with "
                          f"`pip install -r requirements-tpu.txt`") from None
     return list(devices)
 
@@ -149,7 +150,7 @@ def compile_report(config, topology: str) -> dict:
     memory_seconds = bytes_accessed / chip.hbm_bytes_per_second
     roofline = max(compute_seconds, memory_seconds)
     return {
-        "config": config.model.vit_variant if config.model.backbone == "vit"
+        "model": f"vit-{config.model.vit_variant}" if config.model.backbone == "vit"
         else config.model.backbone,
         "topology": topology, "chip": chip.name, "num_chips": len(devices), "num_hosts": hosts,
         "mesh": dict(mesh.shape), "batch_size": config.batch_size,
@@ -167,6 +168,8 @@ def compile_report(config, topology: str) -> dict:
         "bytes_accessed_per_chip": bytes_accessed,
         "peak_bf16_flops_per_second": chip.peak_bf16_flops,
         "hbm_bytes_per_second": chip.hbm_bytes_per_second,
+        "roofline_compute_seconds": compute_seconds,
+        "roofline_memory_seconds": memory_seconds,
         "roofline_bound": "compute" if compute_seconds >= memory_seconds else "memory",
         "roofline_step_seconds": roofline,
         "roofline_images_per_second": config.batch_size / roofline if roofline else None,
@@ -178,7 +181,7 @@ def summary_line(report: dict) -> str:
     gib = 1 / GiB
     ops = ", ".join(f"{op} x{c['count']} ({c['bytes'] * gib:.2f} GiB)"
                     for op, c in report["collectives"].items() if c["count"]) or "none"
-    return (f"{report['config']} on {report['topology']} ({report['num_chips']} x "
+    return (f"{report['model']} on {report['topology']} ({report['num_chips']} x "
             f"{report['chip']}, {report['per_chip_batch']} images/chip): "
             f"{report['hbm_bytes_per_chip'] * gib:.2f} of {report['hbm_capacity_bytes'] * gib:.0f}"
             f" GiB HBM per chip ({'fits' if report['fits'] else 'DOES NOT FIT'}), "
