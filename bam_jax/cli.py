@@ -41,6 +41,21 @@ def run_or_exit(program: str, fn: Callable[..., Any], *args,
         sys.exit(2)
 
 
+def run_with_config_and_workdir(program: str, main: Callable[[Any, str], None], *,
+                                config_help: str, workdir_help: str) -> None:
+    """`app.run` of an entry point taking --config (a config file whose fields
+    --config.field=value overrides) and --workdir: `main(config, workdir)`."""
+    from absl import app  # noqa: PLC0415
+    from ml_collections import config_flags  # noqa: PLC0415
+
+    config = config_flags.DEFINE_config_file(
+        "config", None, f"{config_help}; override fields with --config.field=value.",
+        lock_config=True)
+    workdir = flags.DEFINE_string("workdir", None, workdir_help)
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(lambda argv: main(config.value, workdir.value), flags_parser=flags_parser(program))
+
+
 def flags_parser(program: str) -> Callable[[list[str]], list[str]]:
     """absl's parser, but a bad flag (an unknown --config.x, a value of the wrong type, a config
     file that is missing or broken) is one `PROGRAM: error:` line and exit 2, like every other

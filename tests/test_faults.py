@@ -471,9 +471,8 @@ def test_linear_probe_without_a_checkpoint(tmp_path, capsys, tiny_config):
     probe = linear_default.get_config()
     probe.pretrained_workdir = str(pretrain)
     probe.batch_size = 32
-    holder = types.SimpleNamespace
     with pytest.raises(SystemExit) as exit_:
-        linear_probe._main([], holder(value=probe), holder(value=str(tmp_path / "probe")))
+        linear_probe._main(probe, str(tmp_path / "probe"))
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     lines = [l for l in err.splitlines() if l.strip()]

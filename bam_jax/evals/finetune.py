@@ -444,10 +444,9 @@ def _line(metrics: dict[str, float]) -> str:
             f"{metrics['train_top1']:.1f}")
 
 
-def _main(argv, config_flag, workdir_flag):
-    del argv
-    result = cli.run_or_exit("bam_jax.evals.finetune", finetune, config_flag.value,
-                             workdir_flag.value, errors=(train.RunInterrupted,))
+def _main(config: ml_collections.ConfigDict, workdir: str) -> None:
+    result = cli.run_or_exit("bam_jax.evals.finetune", finetune, config, workdir,
+                             errors=(train.RunInterrupted,))
     prefix = "logreg" if "logreg_top1" in result else "finetune"
     best = (f"  best top-1 {result['finetune_best_top1']:.2f}" if prefix == "finetune" else "")
     print(f"done: step {result['step']}  top-1 {result[prefix + '_top1']:.2f}  top-5 "
@@ -455,14 +454,7 @@ def _main(argv, config_flag, workdir_flag):
 
 
 if __name__ == "__main__":
-    from absl import app, flags
-    from ml_collections import config_flags
-
-    _config = config_flags.DEFINE_config_file(
-        "config", None, "A fine-tuning config (configs/finetune*.py); override fields with "
-        "--config.field=value.", lock_config=True)
-    _workdir = flags.DEFINE_string("workdir", None, "Where the run's checkpoints and "
-                                   "metrics.jsonl go; an existing run there is resumed.")
-    flags.mark_flags_as_required(["config", "workdir"])
-    app.run(lambda argv: _main(argv, _config, _workdir),
-            flags_parser=cli.flags_parser("bam_jax.evals.finetune"))
+    cli.run_with_config_and_workdir(
+        "bam_jax.evals.finetune", _main, config_help="A fine-tuning config (configs/finetune*.py)",
+        workdir_help="Where the run's checkpoints and metrics.jsonl go; an existing run there "
+                     "is resumed.")

@@ -287,23 +287,16 @@ def log_evaluation(results: dict[str, float], step: int, logger, workdir: str, *
     return results
 
 
-def _main(argv, config_flag, workdir_flag):
-    del argv
-    result = cli.run_or_exit("bam_jax.evals.linear_probe", train_linear, config_flag.value,
-                             workdir_flag.value, errors=(train.RunInterrupted,))
+def _main(config: ml_collections.ConfigDict, workdir: str) -> None:
+    result = cli.run_or_exit("bam_jax.evals.linear_probe", train_linear, config, workdir,
+                             errors=(train.RunInterrupted,))
     print(f"done: step {result['step']}  top-1 {result['linear_top1']:.2f}  top-5 "
           f"{result['linear_top5']:.2f}  best top-1 {result['linear_best_top1']:.2f}", flush=True)
 
 
 if __name__ == "__main__":
-    from absl import app, flags
-    from ml_collections import config_flags
-
-    _config = config_flags.DEFINE_config_file(
-        "config", None, "A linear-probe config (configs/linear.py, configs/linear_default.py); "
-        "override fields with --config.field=value.", lock_config=True)
-    _workdir = flags.DEFINE_string("workdir", None, "Where the probe's checkpoints and "
-                                   "metrics.jsonl go; an existing probe there is resumed.")
-    flags.mark_flags_as_required(["config", "workdir"])
-    app.run(lambda argv: _main(argv, _config, _workdir),
-            flags_parser=cli.flags_parser("bam_jax.evals.linear_probe"))
+    cli.run_with_config_and_workdir(
+        "bam_jax.evals.linear_probe", _main,
+        config_help="A linear-probe config (configs/linear.py, configs/linear_default.py)",
+        workdir_help="Where the probe's checkpoints and metrics.jsonl go; an existing probe "
+                     "there is resumed.")

@@ -24,13 +24,13 @@ res_scale1,norm2,mlp,res_scale2}`, `head_norm`), so `bam_jax.tools.convert` maps
 """
 from __future__ import annotations
 
-import math
-
 import einops
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from bam_jax.models import vit
 
 LN_EPS = 1e-6
 HEAD_DIM = 32
@@ -127,31 +127,17 @@ class SepConv(nnx.Module):
         return self.pwconv2(self.dwconv(_apply_act(self.act1, self.pwconv1(x))))
 
 
-class Attention(nnx.Module):
-    """Self-attention on [B, N, C] with head dim 32 (max(1, C // 32) heads), no proj bias."""
+class Attention(vit.Attention):
+    """Self-attention on [B, N, C] with head dim 32 (max(1, C // 32) heads), no proj bias; the
+    ViT's forward and attention probabilities."""
 
     def __init__(self, dim, *, qkv_bias, dtype, param_dtype, rngs):
         self.num_heads = max(dim // HEAD_DIM, 1)
+        self.head_dim = HEAD_DIM
         inner = self.num_heads * HEAD_DIM
         self.qkv = _dense(dim, 3 * inner, bias=qkv_bias, dtype=dtype, param_dtype=param_dtype,
                           rngs=rngs)
         self.proj = _dense(inner, dim, bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-
-    def _qkv(self, x):
-        qkv = einops.rearrange(self.qkv(x), 'b n (three h d) -> three b n h d', three=3,
-                               h=self.num_heads)
-        return qkv[0], qkv[1], qkv[2]
-
-    def __call__(self, x):
-        q, k, v = self._qkv(x)
-        out = jax.nn.dot_product_attention(q, k, v)
-        return self.proj(einops.rearrange(out, 'b n h d -> b n (h d)'))
-
-    def probabilities(self, x):
-        """Softmax attention [B, heads, N, N] (queries on axis 2) in float32."""
-        q, k, _ = self._qkv(x)
-        logits = jnp.einsum('bqhd,bkhd->bhqk', q.astype(jnp.float32), k.astype(jnp.float32))
-        return jax.nn.softmax(logits / math.sqrt(HEAD_DIM), axis=-1)
 
 
 class Mlp(nnx.Module):
