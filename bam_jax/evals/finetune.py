@@ -295,7 +295,7 @@ def _logistic_regression(config, data, workdir) -> dict[str, float]:
     keep = np.asarray(jax.device_get(test_mask)).astype(bool)
     results = {"logreg_top1": 100.0 * float(top1[keep].mean()),
                "logreg_top5": 100.0 * float(top5[keep].mean())}
-    logger = train.MetricsLogger(workdir, 0, config.batch_size, describe=_line)
+    logger = train.MetricsLogger(workdir, 0, config.batch_size)
     logger.write(0, results)
     logger.close()
     return dict(results, step=0)
@@ -392,7 +392,8 @@ def _finetune(config, data, workdir, signals, lock) -> dict[str, float]:
                             in_shardings=(shardings, sharding.batch_sharding(mesh)),
                             out_shardings=(shardings, None))
     evaluator = _Evaluator(config, graphdef, mesh, num_classes)
-    logger = train.MetricsLogger(workdir, total_steps, config.batch_size, describe=_line)
+    logger = train.MetricsLogger(workdir, total_steps, config.batch_size,
+                                 describe=linear_probe.supervised_line)
     eval_every = max(int(round(config.eval_every_epochs * epoch_steps)), 1)
     batches = None
 
@@ -437,11 +438,6 @@ def _train_view(data: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     view = ml_collections.ConfigDict(data.to_dict())
     view.update(global_crops_number=1, local_crops_number=0)
     return view
-
-
-def _line(metrics: dict[str, float]) -> str:
-    return (f"loss {metrics['loss']:.4f}  lr {metrics['learning_rate']:.2e}  train top-1 "
-            f"{metrics['train_top1']:.1f}")
 
 
 def _main(config: ml_collections.ConfigDict, workdir: str) -> None:

@@ -201,7 +201,8 @@ def train_linear(config: ml_collections.ConfigDict, workdir: str) -> dict[str, f
         return _train_linear(config, workdir, signals, lock)
 
 
-def _probe_line(metrics: dict[str, float]) -> str:
+def supervised_line(metrics: dict[str, float]) -> str:
+    """The console line of a supervised train step (the probe, fine-tuning)."""
     return (f"loss {metrics['loss']:.4f}  lr {metrics['learning_rate']:.2e}  train top-1 "
             f"{metrics['train_top1']:.1f}")
 
@@ -243,7 +244,7 @@ def _train_linear(config: ml_collections.ConfigDict, workdir: str, signals, lock
         lambda state, batch: step_fn(state, backbone, batch), donate_argnums=(0,),
         in_shardings=(shardings, sharding.batch_sharding(mesh)), out_shardings=(shardings, None))
     evaluator = _Evaluator(config, feature_fn, head_graphdef, mesh, num_classes)
-    logger = train.MetricsLogger(workdir, total_steps, config.batch_size, describe=_probe_line)
+    logger = train.MetricsLogger(workdir, total_steps, config.batch_size, describe=supervised_line)
     eval_every = max(int(round(config.eval_every_epochs * epoch_steps)), 1)
     batches = None
 
