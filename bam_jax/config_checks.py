@@ -94,6 +94,7 @@ RULES: list[tuple[Callable[[ConfigDict], bool], Rows]] = [
         ("data.blur_probs", sequence(PROBABILITY, 3), (1.0, 0.1, 0.5)),
         ("data.blur_sigma", pair(above(0)), (0.1, 2.0)),
         ("data.solarize_prob", PROBABILITY, 0.2),
+        ("data.augment_on_device", one_of("auto", "on", "off"), "auto"),
         ("data.eval_crop_size", at_least(1), 224),
         ("data.eval_resize", Check(">= data.eval_crop_size={c.data.eval_crop_size}",
                                    lambda v, c: v >= c.data.eval_crop_size),

@@ -36,6 +36,7 @@ from bam_jax import checkpoint as checkpoint_lib
 from bam_jax import config_checks, contrastive_crop, sharding
 from bam_jax import loss as loss_lib
 from bam_jax import models
+from bam_jax import photometric
 
 _LOG = logging.getLogger(__name__)
 
@@ -257,6 +258,7 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
                     optimizer: optax.GradientTransformation, schedules: Schedules,
                     mesh: jax.sharding.Mesh) -> Callable:
     fixed_loss_kwargs = loss_kwargs(config)
+    policy = photometric.Policy.from_data_config(config.data)
 
     def forward(params, model_state, batch):
         # copy=True: fresh variables in the current trace, which BatchNorm may then mutate.
@@ -265,6 +267,9 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef,
         return z, nnx.state(model, nnx.Not(nnx.Param))
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
+        # uint8 crops with their photometric parameters (data.augment_on_device) are augmented
+        # here, once for student and teacher; crops the host augmented pass through.
+        batch = photometric.augment_batch(batch, policy)
         step = state.step
         eps = schedules.sinkhorn_reg(step)
         lr = schedules.learning_rate(step)
@@ -330,19 +335,24 @@ def compile_train_step(config: ml_collections.ConfigDict, graphdef: nnx.GraphDef
 
 
 def abstract_batch(config: ml_collections.ConfigDict, num_channels: int,
-                   batch_sharding: jax.sharding.Sharding) -> dict[str, jax.ShapeDtypeStruct]:
-    """The shapes of the pipeline's train batch (crops and labels), without allocating it."""
+                   batch_sharding: jax.sharding.Sharding, augment_on_device: bool = False
+                   ) -> dict[str, jax.ShapeDtypeStruct]:
+    """The shapes of the pipeline's train batch (crops and labels), without allocating it; with
+    `augment_on_device`, uint8 crops and their photometric parameters."""
     data = config.data
-
-    def crops(number: int, size: int) -> jax.ShapeDtypeStruct:
-        return jax.ShapeDtypeStruct((config.batch_size, number, size, size, num_channels),
-                                    jnp.float32, sharding=batch_sharding)
-
-    batch = {"global_crops": crops(data.global_crops_number, data.global_crop_size),
-             "label": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32,
+    batch = {"label": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32,
                                            sharding=batch_sharding)}
-    if data.local_crops_number:
-        batch["local_crops"] = crops(data.local_crops_number, data.local_crop_size)
+    for name, number, size in (("global_crops", data.global_crops_number, data.global_crop_size),
+                               ("local_crops", data.local_crops_number, data.local_crop_size)):
+        if not number:
+            continue
+        batch[name] = jax.ShapeDtypeStruct(
+            (config.batch_size, number, size, size, num_channels),
+            jnp.uint8 if augment_on_device else jnp.float32, sharding=batch_sharding)
+        if augment_on_device:
+            batch[name + photometric.PARAMS_SUFFIX] = jax.ShapeDtypeStruct(
+                (config.batch_size, number, len(photometric.PARAM_COLUMNS)), jnp.float32,
+                sharding=batch_sharding)
     return batch
 
 
@@ -357,7 +367,8 @@ def compile_from_shapes(config: ml_collections.ConfigDict, mesh: jax.sharding.Me
                         num_channels: int) -> AbstractStep:
     """The train step compiled from shapes alone, no parameter or image allocated: the memory
     and FLOPs of a batch too large to run here, or of devices that are only described (a TPU
-    topology). The schedules' lengths do not change the program."""
+    topology). The schedules' lengths do not change the program. `data.augment_on_device`
+    "auto" resolves for the mesh's platform (on for a described TPU slice)."""
     optimizer = make_optimizer(config)
     create_model = model_factory(config.model, num_channels=num_channels,
                                  image_size=config.data.global_crop_size, seed=config.seed)
@@ -365,7 +376,9 @@ def compile_from_shapes(config: ml_collections.ConfigDict, mesh: jax.sharding.Me
         create_model, optimizer, config.teacher.enabled, mesh, config.mesh.fsdp_min_size)
     state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                          abstract_state, shardings)
-    batch = abstract_batch(config, num_channels, sharding.batch_sharding(mesh))
+    on_device = photometric.resolve_on_device(config.data.augment_on_device,
+                                              mesh.devices.flat[0].platform)
+    batch = abstract_batch(config, num_channels, sharding.batch_sharding(mesh), on_device)
     schedules = make_schedules(config, steps_per_epoch=100, total_steps=1000)
     compiled = compile_train_step(config, graphdef, optimizer, schedules, mesh, shardings, state,
                                   batch)
@@ -658,10 +671,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, signals
             warmup_epochs=warmup, loc_interval=config.ccrop.loc_interval)
 
     # The train stream is a function of (seed, step, boxes): rebuilt whenever the boxes change.
+    augment_on_device = photometric.resolve_on_device(config.data.augment_on_device)
+
     def train_batches(start: int):
         dataset = pipeline.create_pretrain_dataset(
             config.data, global_batch_size=config.batch_size, seed=config.seed, start_step=start,
-            boxes=boxes, ccrop_alpha=config.ccrop.alpha, ccrop_from_epoch=ccrop_from_epoch)
+            boxes=boxes, ccrop_alpha=config.ccrop.alpha, ccrop_from_epoch=ccrop_from_epoch,
+            augment_on_device=augment_on_device)
         return sharding.device_iterator(dataset, mesh)
 
     batches = train_batches(int(jax.device_get(state.step)))

@@ -35,6 +35,9 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
         blur_sigma=(0.1, 2.0),
         solarize_prob=0.2,  # second (and later) global crops only
         resize_antialias=True,  # PIL-faithful bicubic; False: cheaper resizes, some aliasing
+        # Pretraining: "on" ships uint8 crops and runs jitter, grayscale, blur, solarisation and
+        # normalisation in the train step (bam_jax/photometric.py); "auto": on for GPU/TPU.
+        augment_on_device="auto",  # "auto" | "on" | "off"
         eval_resize=256,
         eval_crop_size=224,
         # None: ImageNet's (its channel average for one-channel data)

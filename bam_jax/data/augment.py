@@ -29,12 +29,10 @@ from typing import NamedTuple, Sequence
 import numpy as np
 import tensorflow as tf
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# ITU-R 601-2 luma, as used by PIL's convert("L") and torchvision's rgb_to_grayscale.
-_LUMA = (0.299, 0.587, 0.114)
-# PIL's ImageOps.solarize(threshold=128) inverts pixels >= 128 of 255.
-_SOLARIZE_THRESHOLD = 128.0 / 255.0
+from bam_jax.photometric import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401 (re-exported)
+from bam_jax.photometric import LUMA as _LUMA
+from bam_jax.photometric import SOLARIZE_THRESHOLD as _SOLARIZE_THRESHOLD
+
 # The 24 orders of ColorJitter's four adjustments (0 brightness, 1 contrast, 2 saturation, 3 hue).
 _JITTER_ORDERS = tuple(itertools.permutations(range(4)))
 
@@ -524,6 +522,22 @@ def multi_crop(
     is ContrastiveCrop's around that box with Beta(`ccrop_alpha`, `ccrop_alpha`) placement; without
     it, RandomResizedCrop's.
     """
+    views, params = crop_views(image, seed, crop_groups, photo, box, ccrop_alpha)
+    return [augment_views(v, p, group, photo) for v, p, group in zip(views, params, crop_groups)]
+
+
+def crop_views(
+    image: tf.Tensor,
+    seed: tf.Tensor,
+    crop_groups: Sequence[Sequence[CropPolicy]],
+    photo: PhotometricPolicy,
+    box: tf.Tensor | None = None,
+    ccrop_alpha: float | tf.Tensor = 0.6,
+) -> tuple[list[tf.Tensor], list[ViewParams]]:
+    """The geometric half of `multi_crop`: per group, the resized and flipped crops (float
+    [N, S, S, C] in [0, 1]) and their decisions, the photometric ones not yet applied. The same
+    draws as `multi_crop`'s, which is this plus `augment_views`; with
+    `config.data.augment_on_device` the accelerator applies the rest (`bam_jax.photometric`)."""
     crops = [c for group in crop_groups for c in group]
     for group in crop_groups:
         if len({c.size for c in group}) > 1:
@@ -535,13 +549,30 @@ def multi_crop(
         crop_and_resize(image_t, params.window[i], c.size, c.antialias, params.flip[i])
         for i, c in enumerate(crops)
     ]
-    out, start = [], 0
+    stacks, group_params, start = [], [], 0
     for group in crop_groups:
         stop = start + len(group)
-        group_params = ViewParams(*(p[start:stop] for p in params))
-        out.append(augment_views(_restack(views[start:stop]), group_params, group, photo))
+        group_params.append(ViewParams(*(p[start:stop] for p in params)))
+        stacks.append(_restack(views[start:stop]))
         start = stop
-    return out
+    return stacks, group_params
+
+
+def params_table(params: ViewParams) -> tf.Tensor:
+    """The photometric decisions of N crops as float32 [N, 12], the columns of
+    `bam_jax.photometric.PARAM_COLUMNS`: what the host ships beside the uint8 crops."""
+    def column(x):
+        return tf.reshape(tf.cast(x, tf.float32), [-1, 1])
+
+    return tf.concat([
+        column(params.brightness), column(params.contrast), column(params.saturation),
+        column(params.hue), column(params.jitter), tf.cast(params.jitter_order, tf.float32),
+        column(params.grayscale), column(params.blur_sigma), column(params.solarize)], axis=1)
+
+
+def to_uint8(views: tf.Tensor) -> tf.Tensor:
+    """Float crops in [0, 1] rounded to uint8 (the rounding point of on-device augmentation)."""
+    return tf.cast(tf.round(views * 255.0), tf.uint8)
 
 
 def center_crop_eval(

@@ -64,6 +64,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from bam_jax import photometric
 from bam_jax.data import augment
 
 _LOG = logging.getLogger(__name__)
@@ -407,13 +408,7 @@ def num_channels(data_config: ml_collections.ConfigDict) -> int:
 
 
 def mean_std(config: ml_collections.ConfigDict, channels: int):
-    mean = tuple(config.mean) if config.mean is not None else augment.IMAGENET_MEAN
-    std = tuple(config.std) if config.std is not None else augment.IMAGENET_STD
-    if channels == 1:
-        mean, std = (float(np.mean(mean)),), (float(np.mean(std)),)
-    if len(mean) not in (1, channels) or len(std) not in (1, channels):
-        raise ValueError(f"config.data.mean/std need 1 or {channels} values, got {mean} / {std}")
-    return mean, std
+    return photometric.mean_std(config.mean, config.std, channels)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -582,6 +577,7 @@ def create_pretrain_dataset(
     ccrop_alpha: float = 0.6,
     ccrop_from_epoch: int = 0,
     examples: np.ndarray | None = None,
+    augment_on_device: bool = False,
 ) -> tf.data.Dataset:
     """The infinite multi-crop train stream of this process, batched.
 
@@ -600,6 +596,12 @@ def create_pretrain_dataset(
 
     `examples` (indices into the split, in-memory sources only) restricts the stream to those
     examples, e.g. a labelled subset for semi-supervised fine-tuning.
+
+    `augment_on_device` stops the host after cropping, resizing and flipping: the crops come as
+    uint8 (rounded from the float resize), each stack with its photometric decisions, float32
+    "global_crops_photometric" [b, G, 12] and "local_crops_photometric" [b, L, 12], which the
+    train step applies (`bam_jax.photometric.augment_batch`). The random decisions are the same
+    either way.
     """
     config = data_config
     pi, pc = _process(process_index, process_count)
@@ -644,24 +646,34 @@ def create_pretrain_dataset(
     crop_groups = [crops[:num_global], crops[num_global:]] if len(crops) > num_global else [crops]
     photo = _photometric_policy(config, src.channels)
 
+    def host_views(image, key, **box):
+        """Per group: the finished float crops, or (on-device mode) the uint8 crops and their
+        parameter table."""
+        if not augment_on_device:
+            return augment.multi_crop(image, key, crop_groups, photo, **box)
+        views, params = augment.crop_views(image, key, crop_groups, photo, **box)
+        return [(augment.to_uint8(v), augment.params_table(p)) for v, p in zip(views, params)]
+
     def views_of(image, epoch, index):
         key = _example_seed(seed, epoch, index)
         if box_table is None:
-            return augment.multi_crop(image, key, crop_groups, photo)
+            return host_views(image, key)
         return tf.cond(
             epoch >= ccrop_from_epoch,
-            lambda: augment.multi_crop(image, key, crop_groups, photo,
-                                       box=tf.gather(box_table, index), ccrop_alpha=ccrop_alpha),
-            lambda: augment.multi_crop(image, key, crop_groups, photo),
+            lambda: host_views(image, key, box=tf.gather(box_table, index),
+                               ccrop_alpha=ccrop_alpha),
+            lambda: host_views(image, key),
         )
 
     def augment_example(position, element):
         epoch, index, *record = element
         image, label = example(index, *record)
-        views = views_of(image, epoch, index)
-        out = {"global_crops": views[0], "label": label}
-        if len(views) > 1:
-            out["local_crops"] = views[1]
+        out = {"label": label}
+        for name, views in zip(("global_crops", "local_crops"), views_of(image, epoch, index)):
+            if augment_on_device:
+                out[name], out[name + photometric.PARAMS_SUFFIX] = views
+            else:
+                out[name] = views
         return position, out
 
     ds = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(epoch_elements)
