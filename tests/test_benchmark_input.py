@@ -26,11 +26,18 @@ def test_tf_rate_on_generated_jpegs(tmp_path):
     # "smooth": neighbouring pixels close, yet the picture is not flat.
     assert np.abs(np.diff(pixels, axis=1)).mean() < 20 and pixels.std() > 10
     start = time.perf_counter()
-    rate, per_cpu = benchmark_input.benchmark_tf(
+    rate, per_cpu, batch = benchmark_input.benchmark_tf(
         str(tmp_path), threads=1, batch=4, num_batches=2, antialias=True)
     elapsed = time.perf_counter() - start
     # 8 images timed (after 2 warm-up batches) within the call: at least 8 per whole call.
     assert rate >= 8 / elapsed and per_cpu > 0
+    assert batch["global_crops"].shape == (4, 2, 224, 224, 3)
+    # The host half of augment_on_device, and the device half timed on its batch.
+    rate, per_cpu, batch = benchmark_input.benchmark_tf(
+        str(tmp_path), threads=1, batch=4, num_batches=1, antialias=True, on_device=True)
+    assert rate > 0 and per_cpu > 0 and batch["local_crops"].dtype == np.uint8
+    backend, seconds, cpu_seconds, flops = benchmark_input.benchmark_device_stage(batch, 1)
+    assert backend == "cpu" and seconds > 0 and cpu_seconds >= 0 and flops > 0
 
 
 @pytest.mark.slow

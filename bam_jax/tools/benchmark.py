@@ -27,6 +27,7 @@ import ml_collections
 from absl import app, flags
 
 from bam_jax import loss as loss_lib
+from bam_jax import photometric
 from bam_jax import sharding, train
 from configs import caformer_m36, common
 from configs import default as default_config
@@ -75,6 +76,8 @@ def workload_config(name: str, batch_size: int,
 
 
 def random_batch(config, num_channels: int, batch_sharding) -> dict[str, jax.Array]:
+    """Random crops of the workload's shapes; where `data.augment_on_device` resolves on, uint8
+    crops with parameters, so that the step includes the photometric stage."""
     data = config.data
     key_global, key_local = jax.random.split(jax.random.key(0))
     batch = {"global_crops": jax.random.normal(key_global, (
@@ -84,6 +87,11 @@ def random_batch(config, num_channels: int, batch_sharding) -> dict[str, jax.Arr
         batch["local_crops"] = jax.random.normal(key_local, (
             config.batch_size, data.local_crops_number, data.local_crop_size,
             data.local_crop_size, num_channels))
+    if photometric.resolve_on_device(data.augment_on_device):
+        for key in list(batch):
+            batch[key + photometric.PARAMS_SUFFIX] = photometric.identity_params(
+                batch[key].shape[:2])
+            batch[key] = (jnp.abs(batch[key]) * 80).astype(jnp.uint8)
     return jax.device_put(batch, batch_sharding)
 
 
@@ -122,6 +130,7 @@ def saved_activation_bytes(config: ml_collections.ConfigDict, graphdef, state, b
 
     def loss(params, model_state, batch):
         model = nnx.merge(graphdef, params, model_state, copy=True)
+        batch = photometric.augment_batch(batch, photometric.Policy.from_data_config(config.data))
         z = model(batch["global_crops"], batch.get("local_crops"), deterministic=False)
         return loss_lib.bam_loss(z, sinkhorn_reg=config.loss.sinkhorn_reg, **kwargs)
 

@@ -2,7 +2,11 @@
 
 Writes `--num_images` synthetic 500x375 JPEGs (ImageNet's typical size) into a temporary
 ImageNet-style folder, runs the folder source with the ViT-S/16 recipe (2x224 + 6x96 crops) on
-`--threads` tf.data threads and prints images/s. The default content is a smooth random field plus
+`--threads` tf.data threads and prints images/s, in both modes of `config.data.augment_on_device`
+by default (`--modes`), alternating: "host" is the whole augmentation on the host, "device" stops
+the host after cropping, resizing and flipping (uint8 crops + parameters). It then times the
+photometric stage that "device" leaves to the accelerator, jitted on JAX's default backend (the
+CPU here, a GPU or TPU where there is one), on one of those batches. The default content is a smooth random field plus
 grain, which compresses like a photo (~60 KB); `--content noise` gives white noise, whose much
 larger JPEGs are a worst case for decoding. `--torchvision` also times the official PIL-based
 DataAugmentationDINO recipe on the same files and thread counts, when torch/torchvision are
@@ -44,27 +48,63 @@ def write_jpegs(root: str, num_images: int, content: str, seed: int = 0) -> None
                          tf.io.encode_jpeg(pixels, quality=90))
 
 
-def benchmark_tf(
-    root: str, threads: int, batch: int, num_batches: int, antialias: bool
-) -> tuple[float, float]:
-    """(images per wall second, images per CPU second of this process) of
-    create_pretrain_dataset on the folder, after 2 warm-up batches. The second figure is the
-    per-core rate, and stays meaningful when other processes share the cores."""
-    from bam_jax.data import pipeline
+def _data_config(root: str, threads: int, antialias: bool):
     from configs import common
 
-    config = common.data_config(resize_antialias=antialias, source="folder", folder=root,
-                                threadpool_size=threads, num_parallel_calls=threads)
+    return common.data_config(resize_antialias=antialias, source="folder", folder=root,
+                              threadpool_size=threads, num_parallel_calls=threads)
+
+
+def benchmark_tf(
+    root: str, threads: int, batch: int, num_batches: int, antialias: bool,
+    on_device: bool = False,
+) -> tuple[float, float, dict]:
+    """(images per wall second, images per CPU second of this process, the last batch) of
+    create_pretrain_dataset on the folder, after 2 warm-up batches; `on_device`: the host's
+    half of `augment_on_device`. The second figure is the per-core rate, and stays meaningful
+    when other processes share the cores."""
+    from bam_jax.data import pipeline
+
     ds = pipeline.create_pretrain_dataset(
-        config, global_batch_size=batch, seed=0, process_index=0, process_count=1)
+        _data_config(root, threads, antialias), global_batch_size=batch, seed=0,
+        process_index=0, process_count=1, augment_on_device=on_device)
     it = ds.as_numpy_iterator()
     for _ in range(2):
         next(it)
     start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(num_batches):
-        next(it)
+        last = next(it)
     images = num_batches * batch
-    return images / (time.perf_counter() - start), images / (time.process_time() - cpu_start)
+    return (images / (time.perf_counter() - start),
+            images / (time.process_time() - cpu_start), last)
+
+
+def benchmark_device_stage(batch: dict, repeats: int) -> tuple[str, float, float, float]:
+    """(backend, seconds, CPU seconds of this process, XLA's FLOPs) per image of the
+    photometric stage that `augment_on_device` runs in the train step
+    (`photometric.augment_batch`, jitted), on one host batch of uint8 crops and parameters,
+    median of `repeats` after a compiled warm-up. On a CPU backend the CPU seconds are its cost
+    in host cores; the FLOPs size it for any backend."""
+    import jax
+
+    from bam_jax import photometric
+    from configs import common
+
+    stage = jax.jit(photometric.augment_batch, static_argnums=1)
+    policy = photometric.Policy.from_data_config(common.data_config())
+    batch = jax.device_put(batch)
+    cost = stage.lower(batch, policy).compile().cost_analysis()
+    flops = float((cost[0] if isinstance(cost, list) else cost).get("flops", 0.0))
+    jax.block_until_ready(stage(batch, policy))
+    walls, cpus = [], []
+    for _ in range(repeats):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        jax.block_until_ready(stage(batch, policy))
+        walls.append(time.perf_counter() - start)
+        cpus.append(time.process_time() - cpu_start)
+    images = len(batch["label"])
+    return (jax.default_backend(), float(np.median(walls)) / images,
+            float(np.median(cpus)) / images, flops / images)
 
 
 def benchmark_torchvision(root: str, threads: int, batch: int, num_batches: int) -> float | None:
@@ -135,6 +175,11 @@ def main() -> None:
     parser.add_argument("--content", choices=["smooth", "noise"], default="smooth")
     parser.add_argument("--no_antialias", action="store_true",
                         help="config.data.resize_antialias=False (faster, less PIL-faithful)")
+    parser.add_argument("--modes", nargs="+", choices=["host", "device"],
+                        default=["host", "device"],
+                        help="augment_on_device off (host) / on (device); timed in turns")
+    parser.add_argument("--stage_repeats", type=int, default=5,
+                        help="timed runs of the on-device photometric stage (0: skip it)")
     parser.add_argument("--torchvision", action="store_true")
     parser.add_argument("--rounds", type=int, default=1,
                         help="repeat and print medians (ratios are taken within each round)")
@@ -146,31 +191,65 @@ def main() -> None:
         write_jpegs(root, args.num_images, args.content)
         rates = {t: [] for t in args.threads}
         ratios = {t: [] for t in args.threads}
-        # Rounds alternate the two sides, so that both see the same drift of a shared machine.
+        per_core = {(m, t): [] for m in args.modes for t in args.threads}
+        stage, device_batch = [], None
+        # Rounds alternate the sides (and the modes), so that all see the same drift of a shared
+        # machine.
         for _ in range(args.rounds):
             for threads in args.threads:
-                rate, per_cpu = benchmark_tf(
-                    root, threads, args.batch, args.num_batches, not args.no_antialias)
-                rates[threads].append(rate)
-                print(f"tf.data   threads={threads}: {rate:7.1f} images/s, {per_cpu:6.1f} images "
-                      f"per CPU-second; 2x224 + 6x96 crops, {args.content} JPEGs, "
-                      f"antialias={not args.no_antialias}")
+                for mode in args.modes:
+                    rate, per_cpu, last = benchmark_tf(
+                        root, threads, args.batch, args.num_batches, not args.no_antialias,
+                        on_device=mode == "device")
+                    per_core[mode, threads].append(per_cpu)
+                    if mode == "device":
+                        device_batch = last
+                    else:
+                        rates[threads].append(rate)
+                    print(f"tf.data   threads={threads} {mode:6s}: {rate:7.1f} images/s, "
+                          f"{per_cpu:6.1f} images per CPU-second; 2x224 + 6x96 crops, "
+                          f"{args.content} JPEGs, antialias={not args.no_antialias}")
+                if len(args.modes) == 2:
+                    ratio = per_core["device", threads][-1] / per_core["host", threads][-1]
+                    print(f"          threads={threads}: device mode makes {ratio:.2f}x the "
+                          f"images per host CPU-second")
+                if "host" not in args.modes:
+                    continue
                 if args.torchvision:
                     tv = _torchvision_in_child(root, threads, args.batch, args.num_batches)
                     if tv is None:
                         print("torchvision: not importable, skipped")
                         args.torchvision = False
                     else:
-                        ratios[threads].append(rate / tv)
-                        print(f"torchvision threads={threads}: {tv:7.1f} images/s; tf.data is "
-                              f"{rate / tv:.2f}x")
+                        host_rate = rates[threads][-1]
+                        ratios[threads].append(host_rate / tv)
+                        print(f"torchvision threads={threads}: {tv:7.1f} images/s; tf.data "
+                              f"(host mode) is {host_rate / tv:.2f}x")
+            if device_batch is not None and args.stage_repeats:
+                stage.append(benchmark_device_stage(device_batch, args.stage_repeats))
+                backend, seconds, cpu_seconds, flops = stage[-1]
+                print(f"photometric stage on {backend}: {1e3 * seconds:.2f} ms per image, "
+                      f"{1e3 * cpu_seconds:.2f} CPU-ms per image, {flops / 1e6:.0f} MFLOP per "
+                      f"image (XLA), batch {args.batch}")
         if args.rounds > 1:
             for threads in args.threads:
-                line = f"median of {args.rounds} rounds, threads={threads}: tf.data " \
-                       f"{np.median(rates[threads]):.1f} images/s"
+                line = f"median of {args.rounds} rounds, threads={threads}:"
+                for mode in args.modes:
+                    line += f" {mode} {np.median(per_core[mode, threads]):.1f}"
+                line += " images per CPU-second"
+                if len(args.modes) == 2:
+                    ratio = np.median(np.divide(per_core["device", threads],
+                                                per_core["host", threads]))
+                    line += f" (device/host {ratio:.2f}x)"
+                if rates[threads]:
+                    line += f"; host mode {np.median(rates[threads]):.1f} images/s"
                 if ratios[threads]:
                     line += f", {np.median(ratios[threads]):.2f}x torchvision"
                 print(line)
+            if stage:
+                print(f"median photometric stage on {stage[0][0]}: "
+                      f"{1e3 * np.median([s[1] for s in stage]):.2f} ms per image, "
+                      f"{1e3 * np.median([s[2] for s in stage]):.2f} CPU-ms per image")
 
 if __name__ == "__main__":
     main()
