@@ -1,8 +1,9 @@
 """One bam_jax pretraining step equals one step of the official `main_pretrain.train_one_epoch`.
 
-The reference below is PyTorch written from the official code (DanielShalam/BAM: models/vit.py
-on timm's VisionTransformer with `dynamic_img_size`, models/heads.py MlpProjHead,
-models/wrappers.py MultiCropWrapper and StudentTeacherWrapper, bam/bam_loss.py DistillBAMLoss,
+The reference (`bam_jax.tools.torch_reference`, the schedules here) is PyTorch written from
+the official code (DanielShalam/BAM: models/vit.py on timm's VisionTransformer with
+`dynamic_img_size`, models/heads.py MlpProjHead, models/wrappers.py MultiCropWrapper and
+StudentTeacherWrapper, bam/bam_loss.py DistillBAMLoss,
 utils.py get_params_groups / cosine_scheduler / update_lr_and_wd / AmpScalerWrapper), as the
 official code *intends*: it does not run as released (`self.masking_fn` is never set, CUDA and
 torch.distributed are assumed), so the top-k masking reads `top_k > 0` and there is one process.
@@ -46,14 +47,13 @@ import pytest
 from flax import nnx
 
 from bam_jax import models, sharding, train
+from bam_jax.tools import torch_reference
 from configs import default as default_config
 
 # Compared with PyTorch references at tight tolerances: the optimized programs users run.
 pytestmark = pytest.mark.xla_optimized
 
 torch = pytest.importorskip("torch")
-nn = torch.nn
-F = torch.nn.functional
 
 BATCH, GLOBAL, LOCAL, CHANNELS = 8, 2, 2, 3
 GLOBAL_SIZE, LOCAL_SIZE, PATCH, WIDTH, DEPTH, HEADS = 16, 8, 4, 32, 2, 2
@@ -110,267 +110,14 @@ def official_schedules(config):
 
 
 # ---------------------------------------------------------------------------------------------
-# The reference network: official models/vit.py (timm ViT, MoCo-v3 tricks) and heads/wrappers.
+# The official network, loss and optimizer helpers (shared with the benchmark's reference).
 # ---------------------------------------------------------------------------------------------
-class Attention(nn.Module):
-    def __init__(self, dim, num_heads):
-        super().__init__()
-        self.num_heads, self.head_dim = num_heads, dim // num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=True)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x):
-        b, n, c = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        x = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(x.transpose(1, 2).reshape(b, n, c))
-
-
-class Mlp(nn.Module):  # timm.layers.Mlp
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class Block(nn.Module):
-    def __init__(self, dim, num_heads, mlp_ratio=4.0):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
-
-    def forward(self, x):
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
-
-
-def build_2d_sincos_position_embedding(grid_size, embed_dim, num_prefix_tokens,
-                                       temperature=10000.0):
-    """models/vit.py, as written (its meshgrid is 'ij')."""
-    h, w = grid_size
-    grid_w = torch.arange(w, dtype=torch.float32)
-    grid_h = torch.arange(h, dtype=torch.float32)
-    grid_w, grid_h = torch.meshgrid(grid_w, grid_h, indexing="ij")
-    pos_dim = embed_dim // 4
-    omega = 1.0 / (temperature ** (torch.arange(pos_dim, dtype=torch.float32) / pos_dim))
-    out_w = torch.einsum("m,d->md", grid_w.flatten(), omega)
-    out_h = torch.einsum("m,d->md", grid_h.flatten(), omega)
-    pos_emb = torch.cat([torch.sin(out_w), torch.cos(out_w), torch.sin(out_h), torch.cos(out_h)],
-                        dim=1)[None]
-    pe_token = torch.zeros([1, num_prefix_tokens, embed_dim], dtype=torch.float32)
-    pos_embed = nn.Parameter(torch.cat([pe_token, pos_emb], dim=1))
-    pos_embed.requires_grad = False
-    return pos_embed
-
-
-def resample_abs_pos_embed(posemb, new_size, old_size, num_prefix_tokens=1):
-    """timm.layers.resample_abs_pos_embed: bicubic, antialias=True, prefix tokens kept."""
-    if tuple(new_size) == tuple(old_size):
-        return posemb
-    prefix, posemb = posemb[:, :num_prefix_tokens], posemb[:, num_prefix_tokens:]
-    dim = posemb.shape[-1]
-    posemb = posemb.reshape(1, old_size[0], old_size[1], -1).permute(0, 3, 1, 2)
-    posemb = F.interpolate(posemb, size=new_size, mode="bicubic", antialias=True)
-    posemb = posemb.permute(0, 2, 3, 1).reshape(1, -1, dim)
-    return torch.cat([prefix, posemb], dim=1)
-
-
-class PatchEmbed(nn.Module):
-    def __init__(self, patch, in_chans, dim, img_size):
-        super().__init__()
-        self.grid_size = (img_size // patch, img_size // patch)
-        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch, stride=patch)
-
-    def forward(self, x):  # dynamic_img_size: NHWC out
-        return self.proj(x).permute(0, 2, 3, 1)
-
-
-class ViT(nn.Module):
-    """timm VisionTransformer(class_token, global_pool='token', dynamic_img_size=True) with the
-    official fixed sin-cos table and frozen patch projection; forward = normed CLS token."""
-
-    def __init__(self, img_size, patch, in_chans, dim, depth, num_heads):
-        super().__init__()
-        self.patch_embed = PatchEmbed(patch, in_chans, dim, img_size)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos_embed = build_2d_sincos_position_embedding(self.patch_embed.grid_size, dim, 1)
-        self.blocks = nn.Sequential(*[Block(dim, num_heads) for _ in range(depth)])
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
-        self.patch_embed.proj.weight.requires_grad = False
-        self.patch_embed.proj.bias.requires_grad = False
-
-    def _pos_embed(self, x):
-        b, h, w, c = x.shape
-        pos_embed = resample_abs_pos_embed(self.pos_embed, (h, w), self.patch_embed.grid_size)
-        x = x.reshape(b, -1, c)
-        return torch.cat([self.cls_token.expand(b, -1, -1), x], dim=1) + pos_embed
-
-    def forward(self, x):
-        x = self.norm(self.blocks(self._pos_embed(self.patch_embed(x))))
-        return x[:, 0]
-
-
-class MlpProjHead(nn.Module):  # models/heads.py (init irrelevant: weights are loaded)
-    def __init__(self, input_dim, n_layers, hidden_dim, output_dim, use_bn, last_bn, bias=True):
-        super().__init__()
-        mlp = []
-        for i in range(n_layers):
-            dim1 = input_dim if i == 0 else hidden_dim
-            dim2 = output_dim if i == n_layers - 1 else hidden_dim
-            mlp.append(nn.Linear(dim1, dim2, bias=bias))
-            if i < n_layers - 1:
-                if use_bn:
-                    mlp.append(nn.BatchNorm1d(dim2))
-                mlp.append(nn.GELU())
-            elif use_bn and last_bn:
-                mlp.append(nn.BatchNorm1d(dim2, affine=False))
-        self.projector = nn.Sequential(*mlp)
-
-    def forward(self, x):
-        return self.projector(x)
-
-
-class MultiCropWrapper(nn.Module):  # models/wrappers.py, nested_input=True
-    def __init__(self, backbone, proj_head):
-        super().__init__()
-        self.backbone, self.proj_head = backbone, proj_head
-
-    def forward(self, x):
-        idx_crops = torch.cumsum(torch.unique_consecutive(
-            torch.tensor([inp.shape[-1] for inp in x]), return_counts=True)[1], 0)
-        start_idx, output = 0, torch.empty(0)
-        for end_idx in idx_crops:
-            output = torch.cat((output, self.backbone(torch.cat(x[start_idx:end_idx]))))
-            start_idx = end_idx
-        return self.proj_head(output)
-
-
-class StudentTeacherWrapper(nn.Module):  # models/wrappers.py
-    def __init__(self, student, teacher, m_schedule):
-        super().__init__()
-        self.student, self.teacher, self.m_schedule = student, teacher, m_schedule
-        for param_s, param_t in zip(self.student.parameters(), self.teacher.parameters()):
-            param_t.data.copy_(param_s.data)
-            param_t.requires_grad = False
-
-    @torch.no_grad()
-    def update_teacher(self):
-        m = self.m_schedule[0]
-        self.m_schedule = self.m_schedule[1:]
-        for param_b, param_m in zip(self.student.parameters(), self.teacher.parameters()):
-            param_m.data.mul_(m).add_((1 - m) * param_b.detach().data)
-
-    def forward(self, x):
-        student_out = self.student(x)
-        with torch.no_grad():
-            self.update_teacher()
-            teacher_out = self.teacher(x)
-        return student_out, teacher_out
-
-
-# ---------------------------------------------------------------------------------------------
-# The reference loss: bam/bam_loss.py DistillBAMLoss on one process, as intended.
-# ---------------------------------------------------------------------------------------------
-def get_positive_mask(batch_size_per_crop, n_crops):
-    mask = torch.zeros((batch_size_per_crop, batch_size_per_crop * n_crops))
-    idx_start_crop = torch.arange(n_crops) * batch_size_per_crop
-    for sample_idx in range(batch_size_per_crop):
-        mask[sample_idx, sample_idx + idx_start_crop] = 1
-    return mask.repeat((n_crops, 1)).bool()
-
-
-@torch.no_grad()
-def distributed_sinkhorn(q, num_sink_iter, n_masked):
-    q = q / torch.sum(q)
-    k, n = q.shape
-    r = torch.ones(k) / (k - n_masked)
-    c = torch.ones(n) / n
-    for _ in range(num_sink_iter):
-        q = q * (r / torch.sum(q, dim=1)).unsqueeze(1)
-        q = q * (c / torch.sum(q, dim=0)).unsqueeze(0)
-    return (q / torch.sum(q, dim=0, keepdim=True)).t()
-
-
-class DistillBAMLoss:
-    def __init__(self, n_crops, n_lrg_crops, n_tgt_crops, ot_reg, softmax_temperature,
-                 num_sinkhorn_iters, top_k):
-        self.n_crops, self.n_lrg_crops, self.n_tgt_crops = n_crops, n_lrg_crops, n_tgt_crops
-        self.ot_reg, self.softmax_temperature = ot_reg, softmax_temperature
-        self.num_sinkhorn_iters, self.top_k = num_sinkhorn_iters, top_k
-
-    @torch.no_grad()
-    def _sinkhorn(self, q):
-        n, big_n = q.size()
-        assignments = q / self.ot_reg
-        assignments.masked_fill_(self.pos_mask[:n, :big_n], torch.finfo(q.dtype).min)
-        assignments = assignments - torch.max(assignments)
-        return distributed_sinkhorn(torch.exp(assignments).t(), self.num_sinkhorn_iters,
-                                    n_masked=self.n_tgt_crops)
-
-    def keep_top_values(self, logits, n_crops):
-        avg_logits = torch.stack(logits.chunk(n_crops, dim=0)).mean(0)
-        topk_indices = avg_logits.topk(self.top_k, dim=-1).indices.repeat(n_crops, 1)
-        logits_masked = torch.zeros_like(logits)
-        logits_masked.scatter_(-1, topk_indices, logits.gather(-1, topk_indices))
-        return logits_masked
-
-    def compute_loss(self, q, q_tgt):
-        num_large_crops = self.n_lrg_crops
-        batch_size_per_crop = q.size(0) // self.n_crops
-        self.pos_mask = get_positive_mask(batch_size_per_crop, self.n_crops)[:, :q.size(1)]
-        with torch.no_grad():
-            p = self._sinkhorn(q_tgt.detach())[:batch_size_per_crop * num_large_crops]
-            if self.top_k > 0:  # the official tests an attribute it never sets (masking_fn)
-                p = self.keep_top_values(p, n_crops=num_large_crops)
-                p = p / p.sum(dim=-1, keepdim=True)
-            p = p.chunk(num_large_crops)
-        q = q / self.softmax_temperature
-        q = q.masked_fill(self.pos_mask, torch.finfo(q.dtype).min)
-        log_q = F.log_softmax(q, dim=-1).chunk(self.n_crops)
-        loss_pos_mask = (~self.pos_mask[:batch_size_per_crop]).to(log_q[0].dtype)
-        loss = 0.0
-        for v_tgt in range(num_large_crops):
-            sub_loss, n_sub_loss = 0, 0
-            for v_src in range(self.n_crops):
-                if v_tgt == v_src and self.n_crops > 1:
-                    continue
-                sub_loss -= ((p[v_tgt] * log_q[v_src]) * loss_pos_mask).sum(dim=-1).mean()
-                n_sub_loss += 1
-            loss += sub_loss / n_sub_loss
-        return loss / num_large_crops
-
-    def __call__(self, z, z_teacher):
-        bs_per_crop = z.size(0) // self.n_crops
-        z = F.normalize(z, dim=-1)
-        z_teacher = F.normalize(z_teacher, dim=-1)
-        z_teacher_gathered = z_teacher[:bs_per_crop * self.n_tgt_crops]  # gather_sort: 1 process
-        return self.compute_loss(q=z @ z_teacher_gathered.t(),
-                                 q_tgt=z_teacher @ z_teacher_gathered.t())
-
-
-def get_params_groups(model):  # utils.py
-    regularized, not_regularized = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if name.endswith(".bias") or len(param.shape) == 1:
-            not_regularized.append(param)
-        else:
-            regularized.append(param)
-    return [{"params": regularized}, {"params": not_regularized, "weight_decay": 0.0}]
-
-
-def update_lr_and_wd(optimizer, lr_schedule, wd_schedule, it):  # utils.py
-    for i, param_group in enumerate(optimizer.param_groups):
-        param_group["lr"] = lr_schedule[it]
-        if i == 0:
-            param_group["weight_decay"] = wd_schedule[it]
-    return lr_schedule[it], wd_schedule[it]
+_OFFICIAL = torch_reference.official()
+ViT, MlpProjHead = _OFFICIAL.ViT, _OFFICIAL.MlpProjHead
+MultiCropWrapper = _OFFICIAL.MultiCropWrapper
+StudentTeacherWrapper = _OFFICIAL.StudentTeacherWrapper
+DistillBAMLoss, get_params_groups = _OFFICIAL.DistillBAMLoss, _OFFICIAL.get_params_groups
+update_lr_and_wd = _OFFICIAL.update_lr_and_wd
 
 
 class OfficialState(NamedTuple):

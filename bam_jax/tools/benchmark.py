@@ -12,10 +12,19 @@ measured in the same run (MFU), the share of the step spent in the loss + Sinkho
 Runs unchanged on CPU, GPU and TPU: fp32 on CPU, bf16 compute on accelerators by default.
 Inputs are random tensors of the workload's shapes, so the figure is the step alone, not the
 input pipeline (see `bam_jax.tools.benchmark_input` for that).
+
+`--torch_reference` (ViT workloads, torch installed) times the official PyTorch step of the same
+shapes (`bam_jax.tools.torch_reference`) in a child process, in turns with this step over
+`--rounds` rounds (the order swapping every round, so a machine whose speed drifts affects both
+alike), and reports the speed ratio official time / bam_jax time per round (> 1: bam_jax faster),
+in wall time and in CPU time (each process's own: steadier on cores shared with other work).
+`--override=field=value` (repeatable) edits the workload's config, e.g. to shrink it.
 """
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import json
 import math
 import statistics
@@ -29,6 +38,7 @@ from absl import app, flags
 from bam_jax import loss as loss_lib
 from bam_jax import photometric
 from bam_jax import sharding, train
+from bam_jax.tools import torch_reference
 from configs import caformer_m36, common
 from configs import default as default_config
 
@@ -46,10 +56,17 @@ _WARMUP = flags.DEFINE_integer("warmup_steps", 1, "Untimed steps after compilati
 _ALTERNATE = flags.DEFINE_list(
     "alternate_with", [], "Other workloads to time in turns with --workload in one process "
     "(e.g. vit_s16,vit_b16): per-round step times and time ratios to --workload.")
-_ROUNDS = flags.DEFINE_integer("rounds", 3, "With --alternate_with: timing rounds.")
+_ROUNDS = flags.DEFINE_integer(
+    "rounds", 3, "With --alternate_with or --torch_reference: timing rounds.")
 _COMPILE_ONLY = flags.DEFINE_bool(
     "compile_only", False, "Compile from abstract shapes and report FLOPs and memory only.")
 _OUTPUT = flags.DEFINE_string("output", "", "Write the results as JSON here.")
+_TORCH_REFERENCE = flags.DEFINE_bool(
+    "torch_reference", False, "Also time the official PyTorch step of the same shapes (ViT "
+    "workloads, torch installed) in a child process, in turns with this one over --rounds.")
+_OVERRIDE = flags.DEFINE_multi_string(
+    "override", [], "field=value edits of the workload's config (e.g. model.depth=2), applied "
+    "after --batch_size and --dtype.")
 
 
 def workload_config(name: str, batch_size: int,
@@ -73,6 +90,39 @@ def workload_config(name: str, batch_size: int,
     config.model.dtype = dtype
     config.knn.enabled = False
     return config, num_channels
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> None:
+    """`field.path=value` edits; the value is a Python literal, or else a string."""
+    for item in overrides:
+        path, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"--override {item!r}: expected field=value")
+        *parents, name = path.split(".")
+        node = config
+        for key in parents:
+            node = node[key]
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        node[name] = value  # ConfigDict refuses unknown fields and wrong types
+
+
+def cpu_description() -> dict:
+    """The host CPU's model name and the vector extensions that matter to XLA and PyTorch."""
+    model, cpu_flags = "", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and not model:
+                    model = value.strip()
+                elif key.strip() == "flags" and not cpu_flags:
+                    cpu_flags = set(value.split())
+    except OSError:
+        pass
+    return {"model": model, "avx512f": "avx512f" in cpu_flags, "amx": "amx_tile" in cpu_flags}
 
 
 def random_batch(config, num_channels: int, batch_sharding) -> dict[str, jax.Array]:
@@ -232,6 +282,45 @@ def alternate(names: list[str], *, batch_size: int, dtype: str, rounds: int, ste
     return result
 
 
+def compare_with_torch(config: ml_collections.ConfigDict, *, num_channels: int, rounds: int,
+                       steps: int, warmup_steps: int) -> dict:
+    """This step and the official PyTorch step (a child process) timed in alternating rounds:
+    each round takes the median of `steps` steps of each side, jax first in even rounds."""
+    spec = torch_reference.spec_from_config(config, num_channels)
+    one_step, flops, _, _, _ = _prepare(config, num_channels)
+    for _ in range(max(warmup_steps, 1)):
+        jax.block_until_ready(one_step())
+    wall, cpu = {"bam_jax": [], "official": []}, {"bam_jax": [], "official": []}
+    with torch_reference.TorchReference(spec, max(warmup_steps, 1)) as reference:
+        for r in range(rounds):
+            for side in (("bam_jax", "official") if r % 2 == 0 else ("official", "bam_jax")):
+                if side == "bam_jax":
+                    times = [torch_reference.timed(lambda: jax.block_until_ready(one_step()))
+                             for _ in range(steps)]
+                else:
+                    times = reference.step_seconds(steps)
+                wall[side].append(statistics.median(t[0] for t in times))
+                cpu[side].append(statistics.median(t[1] for t in times))
+    ratios = [o / b for o, b in zip(wall["official"], wall["bam_jax"])]
+    cpu_ratios = [o / b for o, b in zip(cpu["official"], cpu["bam_jax"])]
+    return {
+        "workload": _WORKLOAD.value if flags.FLAGS.is_parsed() else None,
+        "backend": jax.default_backend(), "cpu": cpu_description(), "jax": jax.__version__,
+        "torch": reference.info["torch"], "torch_threads": reference.info["threads"],
+        "dtype": config.model.dtype, "batch_size": config.batch_size, "step_flops": flops,
+        "rounds": rounds, "steps_per_round": steps,
+        "bam_jax_step_seconds_per_round": wall["bam_jax"],
+        "official_step_seconds_per_round": wall["official"],
+        "speed_ratio_per_round": ratios,
+        "median_speed_ratio": statistics.median(ratios),
+        "bam_jax_step_cpu_seconds_per_round": cpu["bam_jax"],
+        "official_step_cpu_seconds_per_round": cpu["official"],
+        "cpu_time_ratio_per_round": cpu_ratios,
+        "median_cpu_time_ratio": statistics.median(cpu_ratios),
+        "official_warmup_losses": reference.info["warmup_losses"],
+    }
+
+
 def run(config: ml_collections.ConfigDict, *, num_channels: int, steps: int,
         warmup_steps: int = 1) -> dict:
     one_step, flops, memory, mesh, batch_sharding = _prepare(config, num_channels)
@@ -287,6 +376,28 @@ def main(argv):
     config.model.remat = _REMAT.value
     if _REMAT_EVERY.value >= 0:
         config.model.caformer.remat_every = _REMAT_EVERY.value
+    apply_overrides(config, _OVERRIDE.value)
+    if _TORCH_REFERENCE.value:
+        if importlib.util.find_spec("torch") is None:
+            print("--torch_reference: torch is not installed; the official step is not timed "
+                  "(pip install -r requirements-dev.txt)", flush=True)
+        else:
+            result = compare_with_torch(config, num_channels=num_channels, rounds=_ROUNDS.value,
+                                        steps=_STEPS.value, warmup_steps=_WARMUP.value)
+            print(json.dumps(result, indent=2))
+            print(f"{result['workload']} on {result['cpu']['model'] or result['backend']}: "
+                  f"bam_jax {statistics.median(result['bam_jax_step_seconds_per_round']):.3f} "
+                  f"s/step, official PyTorch "
+                  f"{statistics.median(result['official_step_seconds_per_round']):.3f} s/step; "
+                  f"speed ratio official/bam_jax {result['median_speed_ratio']:.2f}x (per round: "
+                  + ", ".join(f"{x:.2f}" for x in result["speed_ratio_per_round"])
+                  + f"); CPU-time ratio {result['median_cpu_time_ratio']:.2f}x (per round: "
+                  + ", ".join(f"{x:.2f}" for x in result["cpu_time_ratio_per_round"]) + ")",
+                  flush=True)
+            if _OUTPUT.value:
+                with open(_OUTPUT.value, "w") as f:
+                    json.dump(result, f, indent=2)
+            return
     if _ALTERNATE.value:
         result = alternate([_WORKLOAD.value, *_ALTERNATE.value], batch_size=_BATCH.value,
                            dtype=_DTYPE.value, rounds=_ROUNDS.value, steps=_STEPS.value,
