@@ -32,33 +32,46 @@ def _close(jax_out, tf_out):
     np.testing.assert_allclose(np.asarray(jax_out), np.asarray(tf_out), rtol=0, atol=TOLERANCE)
 
 
+@jax.jit
+def _jax_ops(x, small, factor, delta, apply, sigma):
+    """Every op on crops [N, H, W, C] with one parameter per crop, in one program."""
+    mean, std = photometric.mean_std(None, None, x.shape[-1])
+    blur = jax.vmap(lambda i, s: photometric.gaussian_blur(i, s, 2.0))
+    return dict(
+        brightness=jax.vmap(photometric.adjust_brightness)(x, factor),
+        contrast=jax.vmap(photometric.adjust_contrast)(x, factor),
+        saturation=jax.vmap(photometric.adjust_saturation)(x, factor),
+        hue=jax.vmap(photometric.adjust_hue)(x, delta),
+        grayscale=jax.vmap(photometric.grayscale)(x, apply),
+        blur=blur(x, sigma), small_blur=blur(small, sigma[-3:]),
+        solarize=jax.vmap(photometric.solarize)(x, apply),
+        normalize=photometric.normalize(x, mean, std))
+
+
 @pytest.mark.parametrize("channels", [1, 3])
 def test_each_op_matches_its_tf_op(channels):
     x = _crops(c=channels)
-    rng = np.random.default_rng(1)
-    factor = rng.uniform(0.6, 1.4, 6).astype(np.float32)
+    # A crop smaller than the widest kernel: the radius is clamped as in TensorFlow.
+    small = _crops(3, 4, 5, channels)
+    factor = np.random.default_rng(1).uniform(0.6, 1.4, 6).astype(np.float32)
     delta = np.array([-0.5, -0.1, 0.0, 0.03, 0.1, 0.5], np.float32)
     apply = np.array([True, False] * 3)
     sigma = np.array([0.0, 0.1, 0.5, 1.3, 2.0, 1.7], np.float32)
-    tx = tf.constant(x)
-    vmap = jax.vmap
-    _close(vmap(photometric.adjust_brightness)(x, factor),
-           augment.adjust_brightness(tx, tf.constant(factor)))
-    _close(vmap(photometric.adjust_contrast)(x, factor),
-           augment.adjust_contrast(tx, tf.constant(factor)))
-    _close(vmap(photometric.adjust_saturation)(x, factor),
-           augment.adjust_saturation(tx, tf.constant(factor)))
-    _close(vmap(photometric.adjust_hue)(x, delta), augment.adjust_hue(tx, tf.constant(delta)))
-    _close(vmap(photometric.grayscale)(x, apply), augment.grayscale(tx, tf.constant(apply)))
-    _close(vmap(lambda i, s: photometric.gaussian_blur(i, s, 2.0))(x, sigma),
-           augment.gaussian_blur(tx, tf.constant(sigma)))
-    _close(vmap(photometric.solarize)(x, apply), augment.solarize(tx, tf.constant(apply)))
+    tx, tf_factor, tf_apply = tf.constant(x), tf.constant(factor), tf.constant(apply)
     mean, std = photometric.mean_std(None, None, channels)
-    _close(photometric.normalize(x, mean, std), augment.normalize(tx, mean, std))
-    # A crop smaller than the widest kernel: the radius is clamped as in TensorFlow.
-    small = _crops(3, 4, 5, channels)
-    _close(vmap(lambda i, s: photometric.gaussian_blur(i, s, 2.0))(small, sigma[-3:]),
-           augment.gaussian_blur(tf.constant(small), tf.constant(sigma[-3:])))
+    expected = dict(
+        brightness=augment.adjust_brightness(tx, tf_factor),
+        contrast=augment.adjust_contrast(tx, tf_factor),
+        saturation=augment.adjust_saturation(tx, tf_factor),
+        hue=augment.adjust_hue(tx, tf.constant(delta)),
+        grayscale=augment.grayscale(tx, tf_apply),
+        blur=augment.gaussian_blur(tx, tf.constant(sigma)),
+        small_blur=augment.gaussian_blur(tf.constant(small), tf.constant(sigma[-3:])),
+        solarize=augment.solarize(tx, tf_apply),
+        normalize=augment.normalize(tx, mean, std))
+    ours = _jax_ops(x, small, factor, delta, apply, sigma)
+    for name, value in expected.items():
+        np.testing.assert_allclose(ours[name], value, rtol=0, atol=TOLERANCE, err_msg=name)
 
 
 def _params(n, orders, jitter, hue=0.1):
@@ -97,7 +110,8 @@ def test_jitter_in_every_order_and_whole_stage_match_tf(channels):
     jittered = augment.color_jitter(tf.constant(x), params, photo)
     table = augment.params_table(params).numpy()
     columns = {name: table[:, i] for i, name in enumerate(photometric.PARAM_COLUMNS)}
-    _close(jax.vmap(lambda i, p: photometric.color_jitter(i, p, True))(x, columns), jittered)
+    _close(jax.jit(jax.vmap(lambda i, p: photometric.color_jitter(i, p, True)))(x, columns),
+           jittered)
     # Zero hue strength: skipped, as torchvision skips it, whatever the factor.
     no_hue = augment.PhotometricPolicy(hue=0.0, mean=mean, std=std)
     _close(_device(x, params, photometric.Policy(hue=0.0)),
@@ -154,7 +168,7 @@ def test_stage_equals_host_stage_on_the_same_uint8_crops():
 def test_pipeline_on_device_batches_decisions_and_resume():
     c = _tiny_digits()
     kwargs = dict(global_batch_size=8, seed=3, augment_on_device=True)
-    full = _take(ip.create_pretrain_dataset(c, **kwargs), 4)
+    full = _take(ip.create_pretrain_dataset(c, **kwargs), 3)
     batch = full[0]
     assert set(batch) == {"global_crops", "local_crops", "global_crops_photometric",
                           "local_crops_photometric", "label"}
@@ -169,10 +183,16 @@ def test_pipeline_on_device_batches_decisions_and_resume():
     for key in ("global_crops", "local_crops"):
         # The same decisions: only the uint8 rounding differs (see the stage test's bound).
         assert np.abs(np.asarray(device[key]) - host[key]).max() < 0.05
-    resumed = _take(ip.create_pretrain_dataset(c, start_step=2, **kwargs), 2)
+    resumed = _take(ip.create_pretrain_dataset(c, start_step=2, **kwargs), 1)
     for a, b in zip(full[2:], resumed):
         for key in a:
             np.testing.assert_array_equal(a[key], b[key])
+    # ContrastiveCrop moves the windows only: the same parameters ship.
+    boxes = np.tile(np.float32([0.0, 0.0, 0.5, 0.5]), (ip.num_examples(c, "train"), 1))
+    boxed = _take(ip.create_pretrain_dataset(c, boxes=boxes, **kwargs), 1)[0]
+    np.testing.assert_array_equal(boxed["local_crops_photometric"],
+                                  batch["local_crops_photometric"])
+    assert not np.array_equal(boxed["local_crops"], batch["local_crops"])
     # The shipped decisions follow the recipe's rates (jitter 0.8, grayscale 0.2; solarisation
     # 0.2 on the second global crop only; blur 1.0 / 0.1 / 0.5).
     rows = np.concatenate([b["global_crops_photometric"] for b in full])
