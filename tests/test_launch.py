@@ -18,8 +18,8 @@ def run(name, *args, env=None):
 
 
 def test_all_scripts_present():
-    assert SCRIPTS == ["gpu_multinode.sh", "sweep.sh", "tpu_vm_create.sh", "tpu_vm_logs.sh",
-                       "tpu_vm_setup.sh", "tpu_vm_stop.sh", "tpu_vm_train.sh"]
+    assert SCRIPTS == ["device_check.sh", "gpu_multinode.sh", "sweep.sh", "tpu_vm_create.sh",
+                       "tpu_vm_logs.sh", "tpu_vm_setup.sh", "tpu_vm_stop.sh", "tpu_vm_train.sh"]
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
