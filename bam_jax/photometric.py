@@ -172,40 +172,30 @@ def adjust_hue(image: jax.Array, delta) -> jax.Array:
 
 
 def _linear_adjustment(image: jax.Array, which, factors) -> jax.Array:
-    """Brightness (0), contrast (1), saturation (2) or nothing (-1), as one per-crop colour
-    matrix and offset: each is clip(pixel @ matrix + offset), so choosing the adjustment is
-    choosing two small arrays, not running all three. Equal to the separate ops (the matrices'
-    zeros are exact, and nothing is the identity matrix on pixels already in [0, 1])."""
+    """Brightness (0), contrast (1) or saturation (2), as one per-crop colour matrix and offset:
+    each is clip(pixel @ matrix + offset), so choosing the adjustment is choosing two small
+    arrays, not running all three. Equal to the separate ops (exact zeros in the matrices)."""
     channels = image.shape[-1]
     brightness, contrast, saturation = factors
     eye = jnp.eye(channels)
     saturation_matrix = (eye if channels == 1 else
                          saturation * eye + (1.0 - saturation) * _luma_matrix(channels))
-    matrix = jnp.select([which == 0, which == 1, which == 2],
-                        [brightness * eye, contrast * eye, saturation_matrix], eye)
+    matrix = jnp.select([which == 0, which == 1], [brightness * eye, contrast * eye],
+                        saturation_matrix)
     offset = jnp.where(which == 1, (1.0 - contrast) * mean_luma(image), 0.0)
     return jnp.clip(_mix(image, matrix) + offset, 0.0, 1.0)
 
 
 def color_jitter(image: jax.Array, params: dict[str, jax.Array], hue_enabled: bool) -> jax.Array:
     """`augment.color_jitter` of one crop: the four adjustments in the crop's order, or the crop
-    unchanged without jitter. With `hue_enabled` False (strength 0) the hue is skipped.
-
-    The hue, the costly one, runs once: three linear slots take the adjustments ordered before
-    it (nothing in the slots it leaves free), then the hue, then three slots for those after.
-    """
+    unchanged without jitter. With `hue_enabled` False (strength 0) the hue is skipped."""
     factors = (params["brightness"], params["contrast"], params["saturation"])
-    order = jnp.stack([params[f"order_{i}"] for i in range(4)]).astype(jnp.int32)
-    hue_at = jnp.argmax(order == 3)
     out = image
-    for slot in range(3):
-        out = _linear_adjustment(out, jnp.where(slot < hue_at, order[slot], -1), factors)
-    if hue_enabled:
-        out = adjust_hue(out, params["hue"])
-    for slot in range(3):
-        position = hue_at + 1 + slot
-        out = _linear_adjustment(out, jnp.where(position < 4, order[jnp.minimum(position, 3)],
-                                                -1), factors)
+    for position in range(4):
+        which = params[f"order_{position}"].astype(jnp.int32)
+        linear = _linear_adjustment(out, which, factors)
+        rotated = adjust_hue(out, params["hue"]) if hue_enabled else out
+        out = jnp.where(which == 3, rotated, linear)
     return jnp.where(params["jitter"] > 0, out, image)
 
 
