@@ -4,7 +4,8 @@ With `config.data.augment_on_device` the host pipeline stops after cropping, res
 flipping: it ships the crops as uint8 plus every crop's photometric decisions (drawn on the host
 from the same stateless seeds as always, so the stream stays a pure function of (seed, step) and
 resume stays exact), and the train step applies them here, batched, before the model. A host core
-then makes 2-3x the images/s, and a uint8 crop is a quarter of a float32 one to transfer.
+then makes 2.2x the images (README, "Input pipeline"), and a uint8 crop is a quarter of a float32
+one to transfer.
 
 Every op mirrors the TensorFlow op of `bam_jax.data.augment` it replaces (colour jitter in a random
 order per crop, grayscale, Gaussian blur, solarisation, normalisation): with the same parameters
@@ -61,8 +62,8 @@ def resolve_on_device(setting: str, backend: str | None = None) -> bool:
     """`config.data.augment_on_device` ("auto", "on", "off") for a backend (default: JAX's).
 
     "auto" is on for accelerators, where the host's cores are the bottleneck, and off on the CPU,
-    where both halves share the same cores and the fused TensorFlow ops measured faster per
-    image (README, "Input pipeline").
+    where both halves share the same cores and the TensorFlow ops cost under a third of this
+    stage's CPU time per image (README, "Input pipeline").
     """
     if setting not in ("auto", "on", "off"):
         raise ValueError(f"config.data.augment_on_device={setting!r}; use 'auto', 'on' or 'off'")
