@@ -80,13 +80,19 @@ def data_devices(mesh: jax.sharding.Mesh) -> int:
     return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
+def per_process_batch(global_batch_size: int, process_count: int | None = None) -> int:
+    """The share of a global batch that each process reads; raises if it does not split evenly."""
+    processes = jax.process_count() if process_count is None else process_count
+    if global_batch_size <= 0 or global_batch_size % processes:
+        raise ValueError(f"batch size {global_batch_size} does not divide by the {processes} "
+                         f"processes; set the batch size to a positive multiple of {processes}")
+    return global_batch_size // processes
+
+
 def check_global_batch(global_batch_size: int, mesh: jax.sharding.Mesh,
                        process_count: int | None = None) -> None:
     """Raises if the global batch does not split over the processes and the mesh's devices."""
-    processes = jax.process_count() if process_count is None else process_count
-    if global_batch_size % processes:
-        raise ValueError(f"batch size {global_batch_size} does not divide by the {processes} "
-                         f"processes; set the batch size to a multiple of {processes}")
+    per_process_batch(global_batch_size, process_count)
     devices = data_devices(mesh)
     if global_batch_size % devices:
         raise ValueError(

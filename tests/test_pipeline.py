@@ -278,7 +278,7 @@ def test_eval_sharding_covers_split_once():
 
 
 def test_batch_not_divisible_by_processes():
-    with pytest.raises(ValueError, match="process count 3"):
+    with pytest.raises(ValueError, match="the 3 processes"):
         ip.create_pretrain_dataset(_tiny(), global_batch_size=8, seed=0, process_index=0,
                                    process_count=3)
 

@@ -64,7 +64,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from bam_jax import photometric
+from bam_jax import photometric, sharding
 from bam_jax.data import augment
 
 _LOG = logging.getLogger(__name__)
@@ -421,16 +421,6 @@ def _process(process_index, process_count):
     return pi, pc
 
 
-def per_process_batch_size(global_batch_size: int, process_count: int) -> int:
-    """The per-host batch; raises if the global batch does not split evenly over the hosts."""
-    if global_batch_size <= 0 or global_batch_size % process_count:
-        raise ValueError(
-            f"batch size {global_batch_size} does not divide by the process count {process_count}; "
-            f"set the batch size to a positive multiple of {process_count}"
-        )
-    return global_batch_size // process_count
-
-
 def _options(config: ml_collections.ConfigDict) -> tf.data.Options:
     options = tf.data.Options()
     options.deterministic = True
@@ -605,7 +595,7 @@ def create_pretrain_dataset(
     """
     config = data_config
     pi, pc = _process(process_index, process_count)
-    batch = per_process_batch_size(global_batch_size, pc)
+    batch = sharding.per_process_batch(global_batch_size, pc)
     src = _source(config)
     split = config.train_split
     total = src.num_examples(split)
@@ -691,7 +681,7 @@ def create_pretrain_dataset(
 
 def num_eval_batches(num: int, global_batch_size: int, process_count: int) -> int:
     """Batches every process yields for an eval split of `num` examples (the largest shard's)."""
-    batch = per_process_batch_size(global_batch_size, process_count)
+    batch = sharding.per_process_batch(global_batch_size, process_count)
     return math.ceil(math.ceil(num / process_count) / batch)
 
 
@@ -710,7 +700,7 @@ def _padded_pass(config, split: str, view_fn, view_size: int, keys: tuple[str, .
     those examples alone, in their order.
     """
     pi, pc = _process(process_index, process_count)
-    batch = per_process_batch_size(global_batch_size, pc)
+    batch = sharding.per_process_batch(global_batch_size, pc)
     src = _source(config)
     total = src.num_examples(split)
     if examples is not None:
