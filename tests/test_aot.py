@@ -104,3 +104,30 @@ def test_an_unknown_topology_is_one_error_line(subprocess_env, tiny_config_path,
     assert result.returncode == 2
     line = error_line(result.stderr, "bam_jax.tools.aot")
     assert "unknown TPU topology 'v9:2x2'" in line and "v5e:16x16" in line
+
+
+# XLA:TPU's async collective fusion, as in the v5e-256 ViT-S program: one all-gather started
+# once, then carried through continuation fusions that each repeat it with the same chain_id.
+CHAINED_HLO = '''
+  %all-gather.5 = bf16[4096,2,4096]{2,1,0} all-gather(%param_0.1), channel_id=1, dimensions={0}, frontend_attributes={chain_id="0"}, backend_config={"async_collective_fusion_config":{"flag_start":"-1","flag_end":"-1"}}
+  ROOT %custom-call.1 = (bf16[16,2,4096]{2,1,0}, bf16[4096,2,4096]{2,1,0}) custom-call(%all-gather.5), custom_call_target="AsyncCollectiveStart"
+  %all-gather.7 = bf16[4096,2,4096]{2,1,0} all-gather(%param_0.2), channel_id=1, dimensions={0}, frontend_attributes={chain_id="0"}, backend_config={"async_collective_fusion_config":{"flag_start":"2","flag_end":"8"}}
+  %all-gather.9 = bf16[4096,2,4096]{2,1,0} all-gather(%param_0.3), channel_id=1, dimensions={0}, frontend_attributes={chain_id="0"}, backend_config={"async_collective_fusion_config":{"flag_start":"2","flag_end":"8"}}
+  %pmax.21 = f32[8192]{0} all-reduce(%gte.1), channel_id=1, to_apply=%max
+  %psum.70 = f32[8192]{0} all-reduce(%fusion.6), channel_id=1, to_apply=%add
+  %all-reduce.299 = bf16[4096,4096]{1,0} all-reduce(%fusion.5950), channel_id=301, to_apply=%add
+'''
+
+
+def test_an_async_collective_fusion_chain_counts_once(subprocess_env, tmp_path):
+    """Subprocess: importing the command defines its absl flags (see the module docstring)."""
+    hlo = tmp_path / "program.hlo.txt"
+    hlo.write_text(CHAINED_HLO)
+    result = subprocess.run(
+        [sys.executable, "-c", "import json, sys; from bam_jax.tools import aot; "
+         "print(json.dumps(aot.collectives(open(sys.argv[1]).read())))", str(hlo)],
+        cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(result.stdout)
+    assert found["all-gather"] == {"count": 1, "bytes": 4096 * 2 * 4096 * 2}
+    assert found["all-reduce"] == {"count": 3, "bytes": 2 * 8192 * 4 + 4096 * 4096 * 2}

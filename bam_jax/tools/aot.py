@@ -62,6 +62,10 @@ COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "coll
 # `-start` half is skipped: its shape bundles operands with the result).
 _COLLECTIVE_LINE = re.compile(
     r"=\s*(?P<shape>.*?)\s(?P<op>" + "|".join(COLLECTIVES) + r")(?:-done)?\(")
+# XLA:TPU's async collective fusion splits one asynchronous collective into a start and
+# continuation fusions that carry the transfer alongside other work; each fusion holds the op
+# again, tagged with the chain's `chain_id` frontend attribute. One chain is one collective.
+_CHAIN = re.compile(r'chain_id="(?P<chain>[^"]*)"')
 _ARRAY = re.compile(r"\b(?P<dtype>[a-z]+[0-9]*[a-z0-9]*)\[(?P<dims>[0-9,]*)\]")
 _DTYPE_BYTES = {"pred": 1, "s4": 1, "u4": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2,
                 "u16": 2, "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8, "c64": 8,
@@ -102,12 +106,19 @@ def topology_devices(topology: str, chip: Chip) -> list:
 
 def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
     """{op: {"count", "bytes"}} of the compiled program: each collective's result bytes on one
-    chip. Ops in a loop body (the Sinkhorn iterations) count once, not once per iteration."""
+    chip. Ops in a loop body (the Sinkhorn iterations) count once, not once per iteration; an
+    async collective fusion chain (one collective spread over several fusions) counts once."""
     found = {op: {"count": 0, "bytes": 0} for op in COLLECTIVES}
+    chains = set()
     for line in hlo_text.splitlines():
         match = _COLLECTIVE_LINE.search(line)
         if match is None:
             continue
+        chain = _CHAIN.search(line)
+        if chain is not None:
+            if (match["op"], chain["chain"]) in chains:
+                continue
+            chains.add((match["op"], chain["chain"]))
         entry = found[match["op"]]
         entry["count"] += 1
         for array in _ARRAY.finditer(match["shape"]):
