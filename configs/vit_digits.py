@@ -18,9 +18,7 @@ def get_config():
     config.seed = 0
     config.batch_size = 128
     config.num_epochs = 30
-    # The default's digits, with local crops: 16 px at scale (0.2, 0.5).
-    config.data = digits.data
-    config.data.update(local_crops_number=4, local_crop_size=16, local_crops_scale=(0.2, 0.5))
+    config.data = digits.data  # the default's digits and crops: 4 local crops of 16 px
     config.model = common.model_config(
         backbone="vit", vit_variant="custom", width=128, depth=4, num_heads=4, patch_size=4,
         dtype="float32",

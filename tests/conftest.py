@@ -113,6 +113,7 @@ def get_config():
     config.model.backbone = "convnet"
     config.model.convnet.channels = (8, 16)
     config.model.convnet.strides = (2, 2)
+    config.data.local_crops_number = 0  # two global crops: the cheapest step
     # As the tiny_config fixture (whose model the restore tests rebuild): the official head.
     config.model.projector.update(hidden_dim=64, out_dim=32, use_bn=False, last_bn=False)
     config.teacher.enabled = False

@@ -42,6 +42,7 @@ def get_config():
     config = default.get_config()
     config.batch_size = 32
     config.num_train_steps = {STEPS}
+    config.data.local_crops_number = 0
     config.model.convnet.channels = (8, 16)
     config.model.convnet.strides = (2, 2)
     # Every projector Linear feeds a BatchNorm, so its bias has a zero true gradient; Adam
