@@ -166,7 +166,7 @@ def compile_report(config, topology: str) -> dict:
         "topology": topology, "chip": chip.name, "num_chips": len(devices), "num_hosts": hosts,
         "mesh": dict(mesh.shape), "batch_size": config.batch_size,
         "per_chip_batch": config.batch_size // sharding.data_devices(mesh),
-        "dtype": config.model.dtype, "remat": bool(config.model.get("remat", False)),
+        "dtype": config.model.dtype, "remat": _remat(config.model),
         "compile_seconds": compile_seconds,
         "hbm_bytes_per_chip": hbm,
         "hbm_capacity_bytes": chip.hbm_bytes,
@@ -186,6 +186,14 @@ def compile_report(config, topology: str) -> dict:
         "roofline_images_per_second": config.batch_size / roofline if roofline else None,
         "collectives": collectives(compiled.as_text()),
     }
+
+
+def _remat(model) -> bool:
+    """Whether the backbone recomputes its activations in the backward: `model.remat` for a ViT,
+    `model.caformer.remat_every` > 0 (blocks checkpointed in groups) for a CAFormer."""
+    if model.backbone == "caformer":
+        return model.caformer.get("remat_every", 0) > 0
+    return bool(model.get("remat", False))
 
 
 def summary_line(report: dict) -> str:
