@@ -77,7 +77,9 @@ def test_default_recipe_does_not_collapse_where_the_official_head_drifts_to_it(t
     learning = _short_default_run(str(tmp_path / "default"), read_metrics)
     assert learning["mean_similarity"] < 0.2
     assert learning["source_entropy"] < learning["uniform_entropy"] - 1.0
-    assert learning["loss"] < learning["uniform_entropy"] - 1.0
+    # Below the collapsed loss ln(#columns) (every local crop's row counts too, so by less than
+    # the source entropy after 12 steps).
+    assert learning["loss"] < learning["uniform_entropy"] - 0.5
     # The official head (no BatchNorm) and eps 0.05 on the same data drift towards the
     # collapsed point (all embeddings aligned, a flat softmax): the test can tell them apart.
     collapsing = _short_default_run(str(tmp_path / "official"), read_metrics, sinkhorn_reg=0.05,
@@ -85,6 +87,7 @@ def test_default_recipe_does_not_collapse_where_the_official_head_drifts_to_it(t
                                     projector=dict(use_bn=False, last_bn=False))
     assert collapsing["mean_similarity"] > 0.6
     assert collapsing["source_entropy"] > learning["source_entropy"] + 1.0
+    assert collapsing["loss"] > learning["loss"] + 0.5
 
 
 # ---------------------------------------------------------------------------------------------
