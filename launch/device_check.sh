@@ -10,8 +10,8 @@ Usage: launch/device_check.sh --output=FILE [options] [-- EXTRA_FLAG ...]
 Runs `python -m bam_jax.tools.device_check --output=FILE` from the repository root: for
 ViT-S/16 and ViT-B/16 (2x224 + 6x96 crops, EMA teacher, AdamW, bf16) the largest batch that fits,
 from 256 and 128 halving after an out-of-memory failure, with its step time, images/s and MFU;
-then the on-device photometric augmentation's cost per batch (skipped, with a message, where
-bam_jax.photometric is absent). Everything within --budget_s (default 420 s) of the start.
+then the on-device photometric augmentation's cost per batch. Everything within --budget_s
+(default 420 s) of the start.
 XLA_PYTHON_CLIENT_MEM_FRACTION defaults to 0.92 here (JAX's own default 0.75 would refuse
 batches that fit). EXTRA_FLAGs go to the module (e.g. --start_batches=512,256).
 

@@ -5,7 +5,7 @@ teacher, AdamW; bf16 compute) it finds the largest batch that fits, starting fro
 `--start_batches` and halving after an out-of-memory failure, and records that batch's
 `bam_jax.tools.benchmark` figures (step time, images/s, MFU). Each attempt runs in its own
 process, so an out-of-memory error leaves nothing behind, and this process touches the device
-only at the end. Then, when `bam_jax.photometric` exists, it times the on-device photometric
+only at the end. Then it times the on-device photometric
 augmentation (colour jitter, grayscale, blur, solarisation, normalisation) of one batch of uint8
 crops of each workload's shape, as a share of that workload's step. Everything goes into one JSON.
 
@@ -20,7 +20,6 @@ how the tests exercise it.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -96,9 +95,7 @@ def benchmark_attempt(workload: str, *, steps: int, dtype: str, overrides: tuple
 
 def augmentation_cost(workloads: dict, *, overrides: tuple[str, ...], steps: int) -> dict:
     """Seconds of the on-device photometric stage on one batch of each benchmarked workload's
-    uint8 crops, and their share of its step; a skip reason when the stage is not there."""
-    if importlib.util.find_spec("bam_jax.photometric") is None:
-        return {"skipped": "bam_jax.photometric (on-device augmentation) is not in this checkout"}
+    uint8 crops, and their share of its step."""
     import jax  # noqa: PLC0415 (the device is touched only now: the benchmarks have finished)
     import jax.numpy as jnp  # noqa: PLC0415
 
