@@ -97,7 +97,6 @@ def augmentation_cost(workloads: dict, *, overrides: tuple[str, ...], steps: int
     """Seconds of the on-device photometric stage on one batch of each benchmarked workload's
     uint8 crops, and their share of its step."""
     import jax  # noqa: PLC0415 (the device is touched only now: the benchmarks have finished)
-    import jax.numpy as jnp  # noqa: PLC0415
 
     from bam_jax import photometric  # noqa: PLC0415
     from bam_jax.tools import benchmark  # noqa: PLC0415
@@ -108,15 +107,10 @@ def augmentation_cost(workloads: dict, *, overrides: tuple[str, ...], steps: int
             continue
         config, channels = benchmark.workload_config(name, entry["batch_size"], "auto")
         benchmark.apply_overrides(config, list(overrides))
-        data, batch = config.data, {}
-        for key, count, size in (("global_crops", data.global_crops_number, data.global_crop_size),
-                                 ("local_crops", data.local_crops_number, data.local_crop_size)):
-            if count:
-                shape = (config.batch_size, count, size, size, channels)
-                batch[key] = jax.random.randint(jax.random.key(0), shape, 0, 256, jnp.uint8)
-                batch[key + photometric.PARAMS_SUFFIX] = jnp.asarray(
-                    photometric.identity_params(shape[:2]))
-        policy = photometric.Policy.from_data_config(data)
+        config.data.augment_on_device = "on"  # uint8 crops with their parameters
+        batch = benchmark.random_batch(config, channels,
+                                       jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+        policy = photometric.Policy.from_data_config(config.data)
         augment = jax.jit(lambda b: photometric.augment_batch(b, policy))  # noqa: B023
         jax.block_until_ready(augment(batch))
         times = []
